@@ -1,0 +1,42 @@
+//! Subcommands. Each turns its clap arguments into a validated config and
+//! runs; errors come back as `anyhow` chains printed once by `main`.
+
+mod check;
+mod format;
+mod info;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A vhost-user-blk backend that guards a virtual disk with two checksums
+/// per block.
+#[derive(Debug, Parser)]
+#[command(name = "twinsum", version, about, long_about = None)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve IMG as a vhost-user-blk disk on a Unix socket.
+    Serve(serve::ServeArgs),
+    /// Write fresh metadata for IMG (creating a sparse IMG with --size).
+    Format(format::FormatArgs),
+    /// Verify every block of IMG against its metadata.
+    Check(check::CheckArgs),
+    /// Print the metadata superblock.
+    Info(info::InfoArgs),
+}
+
+/// Run the chosen subcommand and return the process exit code.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Format(a) => format::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Info(a) => info::run(a),
+    }
+}

@@ -1,0 +1,7 @@
+//! The dual-checksum state machine (DESIGN §2). Pure: it sees two
+//! [`Device`](crate::io::Device)s and knows nothing of virtio.
+
+mod engine;
+pub mod hash;
+
+pub use engine::{Engine, EngineError, EngineOptions, OnMismatch, Op, Stats};

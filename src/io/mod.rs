@@ -1,0 +1,48 @@
+//! Access to the data and metadata devices.
+//!
+//! Everything above this module sees a [`Device`]: positioned reads and
+//! writes, a durability barrier, and a way to make a range read as zeros.
+//! The same trait carries real files and block devices ([`FileDevice`]) and
+//! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
+
+mod file;
+pub mod volatile;
+
+use std::io;
+
+pub use file::FileDevice;
+
+/// A byte-addressed device with a volatile write cache.
+///
+/// Writes may sit in a cache until [`Device::sync`] returns; a power cut can
+/// keep or drop each un-synced 512-byte sector independently. Callers that
+/// need ordering must sync.
+pub trait Device: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`; a range past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`; a range past the end is an error.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Make `len` bytes at `offset` read as zeros (hole punch, zero-out).
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The first region at or after `offset` that may hold non-zero data,
+    /// as `(start, end)`. Devices that cannot tell report everything as data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let size = self.size();
+        Ok((offset < size).then_some((offset, size)))
+    }
+}
+
+/// Check that `len` bytes at `offset` lie inside a device of `size` bytes.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is past the end of the device ({size} bytes)"),
+        )),
+    }
+}
