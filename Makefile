@@ -1,0 +1,46 @@
+# twinsum — every entry point a person or CI uses.
+# `make run` and `make test` do all set-up on a fresh machine.
+
+CARGO ?= cargo
+RELEASE_BIN := target/release/twinsum
+
+.PHONY: all build run test lint bench crash-model images qemu clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# Build, create a 1 GiB sparse demo image if missing, serve it on
+# ./twinsum.sock and print the QEMU and cloud-hypervisor command lines.
+run: build
+	scripts/run-demo.sh
+
+# Everything: unit, crash-model, socket and guest tests.
+test: images
+	$(CARGO) build --release
+	$(CARGO) test --release -- --test-threads=2
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench: build
+	$(CARGO) bench --bench core
+	$(CARGO) bench --bench vhost
+
+# The long crash-model run (10^5 seeds and more; SEEDS=N to change).
+crash-model:
+	TWINSUM_CRASH_SEEDS=$${SEEDS:-100000} $(CARGO) test --release --test crash_model -- --nocapture
+
+# Guest kernel + initramfs for the QEMU tests, into images/build (reused).
+images:
+	images/build.sh
+
+# Boot the guest interactively against the disk of a running `make run`.
+qemu: images
+	images/qemu.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf images/build demo

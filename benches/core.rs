@@ -1,0 +1,3 @@
+//! Benchmark placeholder (core).
+
+fn main() {}
