@@ -40,7 +40,9 @@ pub fn is_zero(data: &[u8]) -> bool {
         // the aligned middle of the slice.
         unsafe { data.align_to::<u64>() }
     };
-    head.iter().all(|&b| b == 0) && body.iter().fold(0, |a, &w| a | w) == 0 && tail.iter().all(|&b| b == 0)
+    head.iter().all(|&b| b == 0)
+        && body.iter().fold(0, |a, &w| a | w) == 0
+        && tail.iter().all(|&b| b == 0)
 }
 
 /// Which slot of a pair `data` matches, if any.

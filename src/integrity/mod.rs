@@ -2,6 +2,7 @@
 //! [`Device`](crate::io::Device)s and knows nothing of virtio.
 
 mod engine;
+mod gate;
 pub mod hash;
 
 pub use engine::{Engine, EngineError, EngineOptions, OnMismatch, Op, Stats};

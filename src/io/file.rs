@@ -107,7 +107,10 @@ impl FileDevice {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is neither a regular file nor a block device", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         };
         Ok(Self {

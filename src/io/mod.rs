@@ -10,7 +10,7 @@ pub mod volatile;
 
 use std::io;
 
-pub use file::FileDevice;
+pub use file::{FileDevice, OpenFlags};
 
 /// A byte-addressed device with a volatile write cache.
 ///

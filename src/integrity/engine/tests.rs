@@ -1,0 +1,405 @@
+//! Engine behaviour over in-memory devices. The crash-model test
+//! (tests/crash_model.rs) covers power cuts; these cover the transitions.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::io::Device;
+use crate::meta::Superblock;
+
+/// A device whose writes are immediately durable; counts syncs.
+#[derive(Default)]
+struct Mem {
+    bytes: Mutex<Vec<u8>>,
+    syncs: AtomicU64,
+}
+
+impl Mem {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            bytes: Mutex::new(vec![0; size]),
+            syncs: AtomicU64::new(0),
+        })
+    }
+    fn poke(&self, offset: usize, f: impl FnOnce(&mut u8)) {
+        f(&mut self.bytes.lock().unwrap()[offset]);
+    }
+    fn copy(&self, from: usize, to: usize, len: usize) {
+        self.bytes.lock().unwrap().copy_within(from..from + len, to);
+    }
+}
+
+impl Device for Mem {
+    fn size(&self) -> u64 {
+        self.bytes.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let b = self.bytes.lock().unwrap();
+        crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
+        buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut b = self.bytes.lock().unwrap();
+        crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
+        b[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut b = self.bytes.lock().unwrap();
+        crate::io::check_range(b.len() as u64, offset, len)?;
+        b[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+struct Disk {
+    data: Arc<Mem>,
+    meta: Arc<Mem>,
+    bs: usize,
+}
+
+impl Disk {
+    fn new(bs: u32, blocks: u64) -> Self {
+        let size = bs as u64 * blocks;
+        let data = Mem::new(size as usize);
+        let meta = Mem::new(crate::meta::meta_len(blocks) as usize);
+        // As `twinsum format` leaves it: clean.
+        let mut sb = Superblock::new(bs, size, 0x5eed).unwrap();
+        sb.clean = true;
+        Metadata::create(meta.clone(), sb, 64).unwrap();
+        Self {
+            data,
+            meta,
+            bs: bs as usize,
+        }
+    }
+    fn open(&self, opts: EngineOptions) -> Engine {
+        Engine::open(self.data.clone(), self.meta.clone(), opts).unwrap()
+    }
+    fn engine(&self) -> Engine {
+        self.open(EngineOptions::default())
+    }
+}
+
+fn pattern(bs: usize, blocks: usize, seed: u8) -> Vec<u8> {
+    // Different in every byte position of every block, never all zero.
+    (0..bs * blocks)
+        .map(|i| {
+            let x = (i as u64 ^ u64::from(seed) << 40).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            (x >> 56) as u8 | 1
+        })
+        .collect()
+}
+
+#[test]
+fn writes_read_back_at_both_block_sizes() {
+    for bs in [512u32, 4096] {
+        let disk = Disk::new(bs, 32);
+        let e = disk.engine();
+        let data = pattern(bs as usize, 5, 7);
+        e.write(3, &data).unwrap();
+        let mut back = vec![0; data.len()];
+        e.read(3, &mut back).unwrap();
+        assert_eq!(back, data);
+        // Untouched blocks read as zeros.
+        let mut z = vec![1; bs as usize];
+        e.read(20, &mut z).unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn a_flipped_byte_fails_exactly_its_block() {
+    let disk = Disk::new(512, 16);
+    let e = disk.engine();
+    e.write(0, &pattern(512, 16, 1)).unwrap();
+    e.flush().unwrap();
+    disk.data.poke(5 * 512 + 100, |b| *b ^= 0x10);
+    let mut buf = vec![0; 512];
+    for b in 0..16 {
+        let r = e.read(b, &mut buf);
+        if b == 5 {
+            assert!(
+                matches!(r, Err(EngineError::Mismatch { block: 5 })),
+                "{r:?}"
+            );
+        } else {
+            r.unwrap();
+        }
+    }
+    assert_eq!(e.stats().mismatches, 1);
+    let mut all = vec![0; 16 * 512];
+    assert!(matches!(
+        e.read(0, &mut all),
+        Err(EngineError::Mismatch { block: 5 })
+    ));
+}
+
+#[test]
+fn on_mismatch_log_returns_the_data() {
+    let disk = Disk::new(512, 4);
+    let e = disk.open(EngineOptions {
+        on_mismatch: OnMismatch::Log,
+        ..Default::default()
+    });
+    e.write(1, &pattern(512, 1, 3)).unwrap();
+    disk.data.poke(512, |b| *b ^= 1);
+    let mut buf = vec![0; 512];
+    e.read(1, &mut buf).unwrap();
+    assert_eq!(e.stats().mismatches, 1);
+}
+
+#[test]
+fn a_block_written_at_another_place_does_not_verify() {
+    let disk = Disk::new(4096, 8);
+    let e = disk.engine();
+    e.write(0, &pattern(4096, 8, 9)).unwrap();
+    e.flush().unwrap();
+    disk.data.copy(2 * 4096, 6 * 4096, 4096);
+    let mut buf = vec![0; 4096];
+    assert!(matches!(
+        e.read(6, &mut buf),
+        Err(EngineError::Mismatch { block: 6 })
+    ));
+    e.read(2, &mut buf).unwrap();
+}
+
+#[test]
+fn content_older_than_a_written_back_flush_is_caught() {
+    let disk = Disk::new(512, 4);
+    let e = disk.engine();
+    let v1 = pattern(512, 1, 1);
+    let v2 = pattern(512, 1, 2);
+    e.write(2, &v1).unwrap();
+    e.flush().unwrap();
+    e.write(2, &v2).unwrap();
+    e.flush().unwrap();
+    e.writeback().unwrap();
+    // The disk "loses" the second write.
+    disk.data.write_at(&v1, 2 * 512).unwrap();
+    let mut buf = vec![0; 512];
+    assert!(e.read(2, &mut buf).is_err());
+    // Before the flush was written back, both would have verified; a fresh
+    // engine on the written-back metadata still refuses it.
+    drop(e);
+    assert!(disk.engine().read(2, &mut buf).is_err());
+}
+
+#[test]
+fn rewriting_a_pending_block_syncs_data_once_per_batch() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    e.write(0, &pattern(512, 4, 1)).unwrap();
+    let before = disk.data.syncs.load(Ordering::SeqCst);
+    // Blocks 0..4 are Pending: rewriting two of them needs one sync.
+    let (a, b) = (pattern(512, 1, 2), pattern(512, 1, 3));
+    let r = e.submit(&mut [
+        Op::Write { block: 1, data: &a },
+        Op::Write { block: 3, data: &b },
+    ]);
+    assert!(r.iter().all(Result::is_ok));
+    assert_eq!(disk.data.syncs.load(Ordering::SeqCst), before + 1);
+    // Writing a Clean block needs none.
+    e.write(6, &a).unwrap();
+    assert_eq!(disk.data.syncs.load(Ordering::SeqCst), before + 1);
+}
+
+#[test]
+fn the_same_block_twice_in_a_batch_ends_with_the_later_write() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    let (a, b) = (pattern(512, 2, 2), pattern(512, 1, 3));
+    let r = e.submit(&mut [
+        Op::Write { block: 0, data: &a },
+        Op::Write { block: 1, data: &b },
+    ]);
+    assert!(r.iter().all(Result::is_ok));
+    let mut buf = vec![0; 1024];
+    e.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..512], &a[..512]);
+    assert_eq!(&buf[512..], &b[..]);
+}
+
+#[test]
+fn flush_forgets_old_checksums_lazily() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    let v = pattern(512, 1, 4);
+    e.write(1, &v).unwrap();
+    let h = hash::block_hash(0x5eed, 1, &v);
+    let pair = |e: &Engine| e.lock().meta.get(1).unwrap();
+    assert_eq!(pair(&e), Pair { new: h, old: ZERO });
+    e.flush().unwrap();
+    assert_eq!(pair(&e), Pair { new: h, old: h });
+    assert_eq!(e.stats().pending, 0);
+    // On disk the old slot is still there until write-back.
+    let on_disk = |disk: &Disk| {
+        let mut raw = [0u8; 16];
+        disk.meta
+            .read_at(&mut raw, crate::meta::TABLE_OFFSET + 16)
+            .unwrap();
+        (
+            u64::from_le_bytes(raw[..8].try_into().unwrap()),
+            u64::from_le_bytes(raw[8..].try_into().unwrap()),
+        )
+    };
+    assert_eq!(on_disk(&disk), (h, ZERO));
+    e.writeback().unwrap();
+    assert_eq!(on_disk(&disk), (h, h));
+}
+
+#[test]
+fn zeroing_reads_back_zeros_and_costs_no_pairs_on_a_fresh_disk() {
+    let disk = Disk::new(4096, 16);
+    let e = disk.engine();
+    e.write(4, &pattern(4096, 4, 5)).unwrap();
+    e.zero(0, 16).unwrap();
+    let mut buf = vec![1; 16 * 4096];
+    e.read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    // Only the four written blocks were Pending.
+    assert_eq!(e.stats().pending, 4);
+}
+
+#[test]
+fn readonly_refuses_writes_and_out_of_range_is_refused() {
+    let disk = Disk::new(512, 8);
+    let e = disk.open(EngineOptions {
+        readonly: true,
+        ..Default::default()
+    });
+    assert!(matches!(e.write(0, &[1; 512]), Err(EngineError::ReadOnly)));
+    assert!(matches!(e.zero(0, 1), Err(EngineError::ReadOnly)));
+    let e = disk.engine();
+    let mut buf = vec![0; 1024];
+    assert!(matches!(
+        e.read(7, &mut buf),
+        Err(EngineError::OutOfRange {
+            block: 7,
+            count: 2,
+            ..
+        })
+    ));
+    assert!(matches!(
+        e.read(u64::MAX, &mut buf),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        e.write(0, &[1; 100]),
+        Err(EngineError::Unaligned { len: 100, .. })
+    ));
+}
+
+#[test]
+fn the_pending_set_is_bounded() {
+    let disk = Disk::new(512, 64);
+    let e = disk.open(EngineOptions {
+        pending_limit: 8,
+        ..Default::default()
+    });
+    for b in 0..64 {
+        e.write(b, &pattern(512, 1, b as u8)).unwrap();
+        assert!(e.stats().pending <= 8, "pending {}", e.stats().pending);
+    }
+    assert!(e.stats().data_syncs >= 7);
+}
+
+#[test]
+fn sync_mode_leaves_metadata_current_after_every_write() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    e.enter_sync_mode().unwrap();
+    assert!(e.sync_mode());
+    let v = pattern(512, 1, 6);
+    e.write(3, &v).unwrap();
+    // No flush, no write-back: the metadata device already has (h, h).
+    let fresh = Metadata::open(disk.meta.clone(), 16);
+    let mut fresh = fresh.unwrap();
+    let h = hash::block_hash(0x5eed, 3, &v);
+    assert_eq!(fresh.get(3).unwrap(), Pair { new: h, old: h });
+    assert!(fresh.superblock().sync_mode);
+    e.leave_sync_mode().unwrap();
+    assert!(!e.sync_mode());
+}
+
+#[test]
+fn make_clean_marks_the_superblock_and_the_next_write_dirties_it() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    assert!(e.was_clean());
+    e.write(0, &pattern(512, 1, 1)).unwrap();
+    assert!(
+        !Metadata::open(disk.meta.clone(), 16)
+            .unwrap()
+            .superblock()
+            .clean
+    );
+    e.make_clean().unwrap();
+    assert!(
+        Metadata::open(disk.meta.clone(), 16)
+            .unwrap()
+            .superblock()
+            .clean
+    );
+    e.write(1, &pattern(512, 1, 2)).unwrap();
+    drop(e);
+    assert!(!disk.engine().was_clean());
+}
+
+#[test]
+fn a_pair_left_by_a_crash_is_resolved_before_the_next_write() {
+    let disk = Disk::new(512, 4);
+    let e = disk.engine();
+    let (v1, v2, v3) = (pattern(512, 1, 1), pattern(512, 1, 2), pattern(512, 1, 3));
+    e.write(0, &v1).unwrap();
+    e.flush().unwrap();
+    e.write(0, &v2).unwrap();
+    // "Crash": the pair on disk is (c(v2), c(v1)); the data device lost v2.
+    e.writeback().unwrap();
+    drop(e);
+    disk.data.write_at(&v1, 0).unwrap();
+    let e = disk.engine();
+    assert!(!e.was_clean());
+    let mut buf = vec![0; 512];
+    e.read(0, &mut buf).unwrap();
+    assert_eq!(buf, v1);
+    // A new write must keep c(v1) as old: the disk holds v1, not v2.
+    e.write(0, &v3).unwrap();
+    let h1 = hash::block_hash(0x5eed, 0, &v1);
+    assert_eq!(e.lock().meta.get(0).unwrap().old, h1);
+}
+
+#[test]
+fn concurrent_writers_and_readers_see_no_false_mismatch() {
+    let disk = Disk::new(512, 16);
+    let e = Arc::new(disk.engine());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0; 4 * 512];
+                for i in 0..200u32 {
+                    let block = u64::from((i * 7 + u32::from(t) * 3) % 13);
+                    e.write(block, &pattern(512, 4, t.wrapping_add(i as u8)))
+                        .unwrap();
+                    e.read((block + 2) % 13, &mut buf).unwrap();
+                    if i % 17 == 0 {
+                        e.flush().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut all = vec![0; 16 * 512];
+    e.read(0, &mut all).unwrap();
+    assert_eq!(e.stats().mismatches, 0);
+}
