@@ -1,6 +1,19 @@
-//! Pair table behind a bounded page cache (stub: see issue 2).
+//! The pair table behind a bounded page cache (the role dm-bufio plays in
+//! the kernel).
+//!
+//! Pages are 4096 bytes of the table (256 pairs). At most `cache_pages`
+//! are in memory at once. Resident pages sit on one of two LRU lists, clean
+//! or dirty, so that eviction prefers a clean page in O(1) and falls back to
+//! writing the least recently used dirty page. Writing any page is always
+//! safe: the engine keeps every in-memory pair safe to persist at any
+//! instant; the caller's lock around `&mut self` orders page writes.
 
-use super::{DeviceRef, MetaError, Superblock};
+use std::collections::HashMap;
+
+use super::{
+    meta_len, DeviceRef, MetaError, Superblock, PAGE_SIZE, PAIRS_PER_PAGE, PAIR_SIZE,
+    SUPERBLOCK_SIZE, TABLE_OFFSET,
+};
 
 /// The two checksums of one block. 0 is the reserved "reads as zeros" value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -9,50 +22,969 @@ pub struct Pair {
     pub old: u64,
 }
 
+impl Pair {
+    /// The pair of a block that reads as zeros.
+    pub const ZERO: Pair = Pair { new: 0, old: 0 };
+
+    fn decode(bytes: &[u8]) -> Pair {
+        // Callers pass 16-byte chunks; a short chunk reads as zeros rather
+        // than panicking.
+        let word = |c: Option<&[u8; 8]>| c.map_or(0, |w| u64::from_le_bytes(*w));
+        Pair {
+            new: word(bytes.first_chunk::<8>()),
+            old: word(bytes.get(8..).and_then(|b| b.first_chunk::<8>())),
+        }
+    }
+
+    fn encode(self, out: &mut [u8]) {
+        if let Some(w) = out.get_mut(0..8) {
+            w.copy_from_slice(&self.new.to_le_bytes());
+        }
+        if let Some(w) = out.get_mut(8..16) {
+            w.copy_from_slice(&self.old.to_le_bytes());
+        }
+    }
+}
+
+/// Largest single device transfer of bulk reads and write-back (1 MiB).
+const MAX_RUN_PAGES: u64 = 256;
+
 /// Open metadata: the superblock plus a bounded cache of pair-table pages.
 ///
 /// Not `Sync`: the engine holds it behind its own lock. Page writes happen
 /// only inside `&mut self` calls, so callers serialise them; syncing the
 /// device (`device().sync()`) can happen outside that lock.
 pub struct Metadata {
-    _p: (),
+    dev: DeviceRef,
+    sb: Superblock,
+    cache: PageCache,
+    /// Reused buffer for bulk reads and coalesced write-back.
+    scratch: Vec<u8>,
 }
 
 impl Metadata {
     /// Write a fresh superblock and an all-zero pair table (a hole in a
     /// sparse file), sync, and open it with at most `cache_pages` pages.
-    pub fn create(_dev: DeviceRef, _sb: Superblock, _cache_pages: usize) -> Result<Self, MetaError> {
-        todo!()
+    pub fn create(dev: DeviceRef, sb: Superblock, cache_pages: usize) -> Result<Self, MetaError> {
+        let need = meta_len(sb.blocks);
+        check_len(&dev, need)?;
+        // Zero the table and make that durable before a valid superblock
+        // can exist, so a crash mid-format never leaves a superblock over a
+        // table of stale pairs.
+        dev.zero_range(TABLE_OFFSET, need - TABLE_OFFSET)
+            .map_err(io_err("zeroing the pair table"))?;
+        dev.sync().map_err(io_err("syncing the pair table"))?;
+        dev.write_at(&sb.encode(), 0)
+            .map_err(io_err("writing the superblock"))?;
+        dev.sync().map_err(io_err("syncing the superblock"))?;
+        Ok(Self::with_superblock(dev, sb, cache_pages))
     }
+
     /// Read and validate the superblock and the table length.
-    pub fn open(_dev: DeviceRef, _cache_pages: usize) -> Result<Self, MetaError> {
-        todo!()
+    pub fn open(dev: DeviceRef, cache_pages: usize) -> Result<Self, MetaError> {
+        check_len(&dev, SUPERBLOCK_SIZE as u64)?;
+        let mut sector = [0u8; SUPERBLOCK_SIZE];
+        dev.read_at(&mut sector, 0)
+            .map_err(io_err("reading the superblock"))?;
+        let sb = Superblock::decode(&sector)?;
+        check_len(&dev, meta_len(sb.blocks))?;
+        Ok(Self::with_superblock(dev, sb, cache_pages))
     }
+
+    fn with_superblock(dev: DeviceRef, sb: Superblock, cache_pages: usize) -> Self {
+        Self {
+            dev,
+            sb,
+            cache: PageCache::new(cache_pages.max(1)),
+            scratch: Vec::new(),
+        }
+    }
+
     /// Refuse metadata that does not describe a data image of `data_size` bytes.
-    pub fn check_image(&self, _data_size: u64) -> Result<(), MetaError> {
-        todo!()
+    pub fn check_image(&self, data_size: u64) -> Result<(), MetaError> {
+        if self.sb.data_size != data_size {
+            return Err(MetaError::WrongImage {
+                meta_size: self.sb.data_size,
+                data_size,
+            });
+        }
+        Ok(())
     }
+
     pub fn superblock(&self) -> &Superblock {
-        todo!()
+        &self.sb
     }
+
+    /// Number of blocks the table describes.
+    pub fn blocks(&self) -> u64 {
+        self.sb.blocks
+    }
+
     /// Write `sb` (generation bumped) to sector 0 and sync the device.
-    pub fn store_superblock(&mut self, _sb: Superblock) -> Result<(), MetaError> {
-        todo!()
+    pub fn store_superblock(&mut self, mut sb: Superblock) -> Result<(), MetaError> {
+        debug_assert_eq!(
+            (sb.block_size, sb.blocks, sb.salt),
+            (self.sb.block_size, self.sb.blocks, self.sb.salt),
+            "the geometry of open metadata cannot change"
+        );
+        sb.generation = sb.generation.max(self.sb.generation) + 1;
+        self.dev
+            .write_at(&sb.encode(), 0)
+            .map_err(io_err("writing the superblock"))?;
+        self.dev.sync().map_err(io_err("syncing the superblock"))?;
+        self.sb = sb;
+        Ok(())
     }
-    pub fn get(&mut self, _block: u64) -> Result<Pair, MetaError> {
-        todo!()
+
+    pub fn get(&mut self, block: u64) -> Result<Pair, MetaError> {
+        self.check_block(block, 1)?;
+        let slot = self.page_in(block / PAIRS_PER_PAGE)?;
+        Ok(Pair::decode(self.cache.pair_bytes(slot, block)))
     }
-    pub fn set(&mut self, _block: u64, _pair: Pair) -> Result<(), MetaError> {
-        todo!()
+
+    pub fn set(&mut self, block: u64, pair: Pair) -> Result<(), MetaError> {
+        self.check_block(block, 1)?;
+        let slot = self.page_in(block / PAIRS_PER_PAGE)?;
+        pair.encode(self.cache.pair_bytes_mut(slot, block));
+        self.cache.mark_dirty(slot);
+        Ok(())
     }
+
+    /// Read the pairs of `out.len()` blocks from `first_block` on.
+    ///
+    /// Cached pages (dirty ones included) are served from memory. Runs of
+    /// uncached pages are read with one device read each; a run that would
+    /// fill more than a quarter of the cache is not cached, so a full-table
+    /// scan (`check`) cannot flush the working set.
+    pub fn get_range(&mut self, first_block: u64, out: &mut [Pair]) -> Result<(), MetaError> {
+        self.check_block(first_block, out.len() as u64)?;
+        let mut done = 0usize;
+        while done < out.len() {
+            let block = first_block + done as u64;
+            let page = block / PAIRS_PER_PAGE;
+            let last_page = (first_block + out.len() as u64 - 1) / PAIRS_PER_PAGE;
+            let n = if let Some(slot) = self.cache.lookup(page) {
+                self.copy_cached(slot, block, &mut out[done..])
+            } else {
+                let run = self.uncached_run(page, last_page);
+                self.read_run(page, run, block, &mut out[done..])?
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Store the pairs of `pairs.len()` blocks from `first_block` on.
+    pub fn set_range(&mut self, first_block: u64, pairs: &[Pair]) -> Result<(), MetaError> {
+        self.check_block(first_block, pairs.len() as u64)?;
+        let mut done = 0usize;
+        while done < pairs.len() {
+            let block = first_block + done as u64;
+            let slot = self.page_in(block / PAIRS_PER_PAGE)?;
+            let in_page = (PAIRS_PER_PAGE - block % PAIRS_PER_PAGE) as usize;
+            let n = in_page.min(pairs.len() - done);
+            let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+            let bytes = &mut self.cache.data_mut(slot)[start..start + n * PAIR_SIZE as usize];
+            for (p, chunk) in pairs[done..done + n]
+                .iter()
+                .zip(bytes.chunks_exact_mut(PAIR_SIZE as usize))
+            {
+                p.encode(chunk);
+            }
+            self.cache.mark_dirty(slot);
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Write every dirty page to the device (no sync). Returns pages written.
+    ///
+    /// Adjacent dirty pages go out in one write of up to 1 MiB.
     pub fn write_dirty(&mut self) -> Result<usize, MetaError> {
-        todo!()
+        let mut keyed: Vec<(u64, usize)> = self
+            .cache
+            .dirty_slots()
+            .into_iter()
+            .map(|s| (self.cache.page_of(s), s))
+            .collect();
+        keyed.sort_unstable();
+        let mut written = 0;
+        for run in keyed.chunk_by(|a, b| a.0 + 1 == b.0) {
+            for chunk in run.chunks(MAX_RUN_PAGES as usize) {
+                let slots: Vec<usize> = chunk.iter().map(|&(_, s)| s).collect();
+                self.write_run(&slots)?;
+                written += slots.len();
+            }
+        }
+        Ok(written)
     }
+
     pub fn dirty_pages(&self) -> usize {
-        todo!()
+        self.cache.dirty.len
     }
+
+    /// Pages currently held in memory (never more than `cache_pages`).
+    pub fn cached_pages(&self) -> usize {
+        self.cache.index.len()
+    }
+
     pub fn device(&self) -> &DeviceRef {
-        todo!()
+        &self.dev
+    }
+
+    fn check_block(&self, first: u64, count: u64) -> Result<(), MetaError> {
+        match first.checked_add(count) {
+            Some(end) if end <= self.sb.blocks => Ok(()),
+            _ => Err(MetaError::OutOfRange {
+                block: first.saturating_add(count.saturating_sub(1)),
+                blocks: self.sb.blocks,
+            }),
+        }
+    }
+
+    /// The slot holding `page`, reading it from the device if needed.
+    fn page_in(&mut self, page: u64) -> Result<usize, MetaError> {
+        if let Some(slot) = self.cache.lookup(page) {
+            return Ok(slot);
+        }
+        let slot = self.free_slot()?;
+        // A hole in the table reads as zeros: Pair::ZERO.
+        if let Err(e) = self
+            .dev
+            .read_at(self.cache.data_mut(slot), page_offset(page))
+        {
+            self.cache.release(slot);
+            return Err(io_err("reading a pair-table page")(e));
+        }
+        self.cache.install(slot, page);
+        Ok(slot)
+    }
+
+    /// A slot not holding any page: a new one while under capacity, else
+    /// the evicted least recently used page, clean ones first.
+    fn free_slot(&mut self) -> Result<usize, MetaError> {
+        if let Some(slot) = self.cache.spare() {
+            return Ok(slot);
+        }
+        let slot = self.cache.victim();
+        if self.cache.is_dirty(slot) {
+            self.write_run(&[slot])?;
+        }
+        self.cache.evict(slot);
+        Ok(slot)
+    }
+
+    /// Write the dirty pages in `slots` (consecutive page numbers) in one
+    /// device write, then mark them clean.
+    fn write_run(&mut self, slots: &[usize]) -> Result<(), MetaError> {
+        let Some(&first) = slots.first() else {
+            return Ok(());
+        };
+        let offset = page_offset(self.cache.page_of(first));
+        if let [only] = slots {
+            self.dev
+                .write_at(self.cache.data(*only), offset)
+                .map_err(io_err("writing a pair-table page"))?;
+        } else {
+            self.scratch.clear();
+            for &s in slots {
+                self.scratch.extend_from_slice(self.cache.data(s));
+            }
+            self.dev
+                .write_at(&self.scratch, offset)
+                .map_err(io_err("writing pair-table pages"))?;
+        }
+        for &s in slots {
+            self.cache.mark_clean(s);
+        }
+        Ok(())
+    }
+
+    /// Copy pairs from the cached page in `slot`, starting at `block`.
+    /// Returns how many were copied (up to the end of the page).
+    fn copy_cached(&mut self, slot: usize, block: u64, out: &mut [Pair]) -> usize {
+        self.cache.touch(slot);
+        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        let n = ((PAIRS_PER_PAGE - block % PAIRS_PER_PAGE) as usize).min(out.len());
+        let bytes = &self.cache.data(slot)[start..start + n * PAIR_SIZE as usize];
+        decode_into(bytes, &mut out[..n]);
+        n
+    }
+
+    /// Number of consecutive uncached pages from `page` on, up to
+    /// `last_page` and at most one maximal transfer.
+    fn uncached_run(&self, page: u64, last_page: u64) -> u64 {
+        let limit = (last_page - page + 1).min(MAX_RUN_PAGES);
+        (1..limit)
+            .find(|&i| self.cache.contains(page + i))
+            .unwrap_or(limit)
+    }
+
+    /// Read `run` uncached pages from `page` in one device read and decode
+    /// the pairs from `block` on. Returns how many pairs were decoded.
+    fn read_run(
+        &mut self,
+        page: u64,
+        run: u64,
+        block: u64,
+        out: &mut [Pair],
+    ) -> Result<usize, MetaError> {
+        let len = (run * PAGE_SIZE) as usize;
+        self.scratch.clear();
+        self.scratch.resize(len, 0);
+        self.dev
+            .read_at(&mut self.scratch, page_offset(page))
+            .map_err(io_err("reading pair-table pages"))?;
+        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        let n = ((len - start) / PAIR_SIZE as usize).min(out.len());
+        decode_into(
+            &self.scratch[start..start + n * PAIR_SIZE as usize],
+            &mut out[..n],
+        );
+        if run as usize <= self.cache.capacity / 4 {
+            self.cache_run(page, run)?;
+        }
+        Ok(n)
+    }
+
+    /// Insert the pages just read into `scratch` into the cache.
+    fn cache_run(&mut self, page: u64, run: u64) -> Result<(), MetaError> {
+        let mut bytes = std::mem::take(&mut self.scratch);
+        let result = (0..run).try_for_each(|i| {
+            let slot = self.free_slot()?;
+            let at = (i * PAGE_SIZE) as usize;
+            self.cache
+                .data_mut(slot)
+                .copy_from_slice(&bytes[at..at + PAGE_SIZE as usize]);
+            self.cache.install(slot, page + i);
+            Ok(())
+        });
+        // free_slot may have used scratch for write-back; keep the larger.
+        if bytes.capacity() >= self.scratch.capacity() {
+            bytes.clear();
+            self.scratch = bytes;
+        }
+        result
+    }
+}
+
+fn decode_into(bytes: &[u8], out: &mut [Pair]) {
+    for (p, chunk) in out.iter_mut().zip(bytes.chunks_exact(PAIR_SIZE as usize)) {
+        *p = Pair::decode(chunk);
+    }
+}
+
+fn page_offset(page: u64) -> u64 {
+    TABLE_OFFSET + page * PAGE_SIZE
+}
+
+fn check_len(dev: &DeviceRef, need: u64) -> Result<(), MetaError> {
+    let have = dev.size();
+    if have < need {
+        return Err(MetaError::Truncated { have, need });
+    }
+    Ok(())
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MetaError {
+    move |source| MetaError::Io { what, source }
+}
+
+/// "No slot" in the intrusive lists.
+const NIL: usize = usize::MAX;
+
+struct Slot {
+    page: u64,
+    data: Box<[u8]>,
+    dirty: bool,
+    /// Whether the slot holds a page (is on a list and in the index).
+    resident: bool,
+    prev: usize,
+    next: usize,
+}
+
+/// An intrusive doubly linked list over slot indices: head is the least
+/// recently used end.
+#[derive(Clone, Copy)]
+struct List {
+    head: usize,
+    tail: usize,
+    len: usize,
+}
+
+impl List {
+    const EMPTY: List = List {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
+}
+
+/// Slots, the page index and the two LRU lists. Knows nothing of devices.
+struct PageCache {
+    capacity: usize,
+    slots: Vec<Slot>,
+    index: HashMap<u64, usize>,
+    clean: List,
+    dirty: List,
+    /// Slots allocated but not resident (after a failed page-in).
+    spare: Vec<usize>,
+    /// The last page looked up: sequential get/set skip the hash lookup.
+    last: Option<(u64, usize)>,
+}
+
+impl PageCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            slots: Vec::new(),
+            index: HashMap::new(),
+            clean: List::EMPTY,
+            dirty: List::EMPTY,
+            spare: Vec::new(),
+            last: None,
+        }
+    }
+
+    fn contains(&self, page: u64) -> bool {
+        self.index.contains_key(&page)
+    }
+
+    /// The slot of a resident page, marked most recently used.
+    fn lookup(&mut self, page: u64) -> Option<usize> {
+        let slot = match self.last {
+            Some((p, s)) if p == page => s,
+            _ => *self.index.get(&page)?,
+        };
+        self.last = Some((page, slot));
+        self.touch(slot);
+        Some(slot)
+    }
+
+    /// A non-resident slot if the cache is not full.
+    fn spare(&mut self) -> Option<usize> {
+        if let Some(slot) = self.spare.pop() {
+            return Some(slot);
+        }
+        if self.slots.len() >= self.capacity {
+            return None;
+        }
+        self.slots.push(Slot {
+            page: 0,
+            data: vec![0u8; PAGE_SIZE as usize].into_boxed_slice(),
+            dirty: false,
+            resident: false,
+            prev: NIL,
+            next: NIL,
+        });
+        Some(self.slots.len() - 1)
+    }
+
+    /// The page to evict: the least recently used clean page, else the
+    /// least recently used dirty one. Only called when the cache is full.
+    fn victim(&self) -> usize {
+        if self.clean.head != NIL {
+            self.clean.head
+        } else {
+            self.dirty.head
+        }
+    }
+
+    fn evict(&mut self, slot: usize) {
+        self.unlink(slot);
+        let page = self.slots[slot].page;
+        self.index.remove(&page);
+        self.slots[slot].resident = false;
+        if self.last.is_some_and(|(_, s)| s == slot) {
+            self.last = None;
+        }
+    }
+
+    /// Give back a slot that never became resident.
+    fn release(&mut self, slot: usize) {
+        self.spare.push(slot);
+    }
+
+    /// Make `slot` (filled with `page`'s bytes) resident and clean.
+    fn install(&mut self, slot: usize, page: u64) {
+        let s = &mut self.slots[slot];
+        s.page = page;
+        s.dirty = false;
+        s.resident = true;
+        self.index.insert(page, slot);
+        self.push_mru(slot);
+    }
+
+    fn touch(&mut self, slot: usize) {
+        let list = self.list(slot);
+        if list.tail != slot {
+            self.unlink(slot);
+            self.push_mru(slot);
+        }
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        if !self.slots[slot].dirty {
+            self.unlink(slot);
+            self.slots[slot].dirty = true;
+            self.push_mru(slot);
+        }
+    }
+
+    fn mark_clean(&mut self, slot: usize) {
+        if self.slots[slot].dirty {
+            self.unlink(slot);
+            self.slots[slot].dirty = false;
+            self.push_mru(slot);
+        }
+    }
+
+    fn is_dirty(&self, slot: usize) -> bool {
+        self.slots[slot].dirty
+    }
+
+    fn page_of(&self, slot: usize) -> u64 {
+        self.slots[slot].page
+    }
+
+    fn dirty_slots(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.dirty.len);
+        let mut s = self.dirty.head;
+        while s != NIL {
+            out.push(s);
+            s = self.slots[s].next;
+        }
+        out
+    }
+
+    fn data(&self, slot: usize) -> &[u8] {
+        &self.slots[slot].data
+    }
+
+    fn data_mut(&mut self, slot: usize) -> &mut [u8] {
+        &mut self.slots[slot].data
+    }
+
+    fn pair_bytes(&self, slot: usize, block: u64) -> &[u8] {
+        let at = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        &self.slots[slot].data[at..at + PAIR_SIZE as usize]
+    }
+
+    fn pair_bytes_mut(&mut self, slot: usize, block: u64) -> &mut [u8] {
+        let at = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        &mut self.slots[slot].data[at..at + PAIR_SIZE as usize]
+    }
+
+    fn list(&self, slot: usize) -> List {
+        if self.slots[slot].dirty {
+            self.dirty
+        } else {
+            self.clean
+        }
+    }
+
+    fn list_mut(&mut self, slot: usize) -> &mut List {
+        if self.slots[slot].dirty {
+            &mut self.dirty
+        } else {
+            &mut self.clean
+        }
+    }
+
+    fn unlink(&mut self, slot: usize) {
+        let (prev, next) = (self.slots[slot].prev, self.slots[slot].next);
+        if prev != NIL {
+            self.slots[prev].next = next;
+        }
+        if next != NIL {
+            self.slots[next].prev = prev;
+        }
+        let list = self.list_mut(slot);
+        if list.head == slot {
+            list.head = next;
+        }
+        if list.tail == slot {
+            list.tail = prev;
+        }
+        list.len -= 1;
+        self.slots[slot].prev = NIL;
+        self.slots[slot].next = NIL;
+    }
+
+    fn push_mru(&mut self, slot: usize) {
+        let list = self.list_mut(slot);
+        let old_tail = list.tail;
+        list.tail = slot;
+        if list.head == NIL {
+            list.head = slot;
+        }
+        list.len += 1;
+        self.slots[slot].prev = old_tail;
+        self.slots[slot].next = NIL;
+        if old_tail != NIL {
+            self.slots[old_tail].next = slot;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::io::Device;
+
+    /// A device in memory that counts writes and syncs.
+    struct MemDevice {
+        bytes: Mutex<Vec<u8>>,
+        writes: Mutex<Vec<(u64, usize)>>,
+        syncs: Mutex<usize>,
+    }
+
+    impl MemDevice {
+        fn new(size: u64) -> Arc<Self> {
+            Arc::new(Self {
+                bytes: Mutex::new(vec![0; size as usize]),
+                writes: Mutex::new(Vec::new()),
+                syncs: Mutex::new(0),
+            })
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            self.bytes.lock().unwrap().clone()
+        }
+
+        fn writes(&self) -> Vec<(u64, usize)> {
+            self.writes.lock().unwrap().clone()
+        }
+
+        /// The pair of `block` as stored on the device (not the cache).
+        fn stored_pair(&self, block: u64) -> Pair {
+            let at = (TABLE_OFFSET + block * PAIR_SIZE) as usize;
+            Pair::decode(&self.bytes()[at..at + 16])
+        }
+    }
+
+    impl Device for MemDevice {
+        fn size(&self) -> u64 {
+            self.bytes.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let b = self.bytes.lock().unwrap();
+            crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
+            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let mut b = self.bytes.lock().unwrap();
+            crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
+            b[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            self.writes.lock().unwrap().push((offset, buf.len()));
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            *self.syncs.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+            let mut b = self.bytes.lock().unwrap();
+            crate::io::check_range(b.len() as u64, offset, len)?;
+            b[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    const BLOCKS: u64 = 10 * PAIRS_PER_PAGE + 17;
+
+    fn fresh(cache_pages: usize) -> (Arc<MemDevice>, Metadata) {
+        let dev = MemDevice::new(meta_len(BLOCKS));
+        let sb = Superblock::new(4096, BLOCKS * 4096, 42).unwrap();
+        let meta = Metadata::create(dev.clone(), sb, cache_pages).unwrap();
+        (dev, meta)
+    }
+
+    fn pair_for(block: u64) -> Pair {
+        Pair {
+            new: block * 3 + 1,
+            old: block ^ 0xabcd,
+        }
+    }
+
+    #[test]
+    fn create_writes_a_superblock_that_open_accepts() {
+        let (dev, meta) = fresh(4);
+        assert!(*dev.syncs.lock().unwrap() >= 1);
+        let reopened = Metadata::open(dev, 4).unwrap();
+        assert_eq!(reopened.superblock(), meta.superblock());
+        assert_eq!(reopened.blocks(), BLOCKS);
+    }
+
+    #[test]
+    fn create_zeroes_a_stale_table() {
+        let dev = MemDevice::new(meta_len(BLOCKS));
+        dev.write_at(&[0xff; 64], TABLE_OFFSET).unwrap();
+        let sb = Superblock::new(4096, BLOCKS * 4096, 1).unwrap();
+        let mut meta = Metadata::create(dev, sb, 2).unwrap();
+        assert_eq!(meta.get(0).unwrap(), Pair::ZERO);
+        assert_eq!(meta.get(3).unwrap(), Pair::ZERO);
+    }
+
+    #[test]
+    fn tiny_cache_keeps_every_value_through_eviction() {
+        let (_dev, mut meta) = fresh(2);
+        for b in (0..BLOCKS).step_by(7) {
+            meta.set(b, pair_for(b)).unwrap();
+            assert!(meta.cached_pages() <= 2);
+        }
+        for b in (0..BLOCKS).rev() {
+            let want = if b % 7 == 0 { pair_for(b) } else { Pair::ZERO };
+            assert_eq!(meta.get(b).unwrap(), want, "block {b}");
+            assert!(meta.cached_pages() <= 2);
+        }
+    }
+
+    #[test]
+    fn dirty_page_is_written_when_evicted() {
+        let (dev, mut meta) = fresh(1);
+        meta.set(5, pair_for(5)).unwrap();
+        assert_eq!(dev.stored_pair(5), Pair::ZERO, "set must not write through");
+        // Touching another page evicts the only (dirty) one.
+        meta.get(PAIRS_PER_PAGE * 3).unwrap();
+        assert_eq!(dev.stored_pair(5), pair_for(5));
+        assert_eq!(meta.dirty_pages(), 0);
+    }
+
+    #[test]
+    fn eviction_prefers_clean_pages() {
+        let (dev, mut meta) = fresh(3);
+        meta.set(0, pair_for(0)).unwrap(); // page 0 dirty, oldest
+        meta.get(PAIRS_PER_PAGE).unwrap(); // page 1 clean
+        meta.get(2 * PAIRS_PER_PAGE).unwrap(); // page 2 clean
+        let before = dev.writes().len();
+        meta.get(3 * PAIRS_PER_PAGE).unwrap(); // evicts page 1, not page 0
+        assert_eq!(dev.writes().len(), before, "no write-back needed");
+        assert_eq!(meta.dirty_pages(), 1);
+        assert_eq!(dev.stored_pair(0), Pair::ZERO);
+    }
+
+    #[test]
+    fn write_dirty_persists_and_clears_dirty_bits() {
+        let (dev, mut meta) = fresh(8);
+        for b in [1, PAIRS_PER_PAGE + 2, 5 * PAIRS_PER_PAGE] {
+            meta.set(b, pair_for(b)).unwrap();
+        }
+        assert_eq!(meta.dirty_pages(), 3);
+        let before = dev.writes().len();
+        assert_eq!(meta.write_dirty().unwrap(), 3);
+        assert_eq!(meta.dirty_pages(), 0);
+        // Pages 0 and 1 are adjacent: two writes, not three.
+        let new_writes = &dev.writes()[before..];
+        assert_eq!(
+            new_writes,
+            &[(TABLE_OFFSET, 8192), (TABLE_OFFSET + 5 * 4096, 4096)]
+        );
+        for b in [1, PAIRS_PER_PAGE + 2, 5 * PAIRS_PER_PAGE] {
+            assert_eq!(dev.stored_pair(b), pair_for(b));
+        }
+        assert_eq!(meta.write_dirty().unwrap(), 0);
+    }
+
+    #[test]
+    fn values_survive_reopen_after_write_dirty() {
+        let (dev, mut meta) = fresh(3);
+        let pairs: Vec<Pair> = (0..BLOCKS).map(pair_for).collect();
+        meta.set_range(0, &pairs).unwrap();
+        meta.write_dirty().unwrap();
+        let mut again = Metadata::open(dev, 5).unwrap();
+        let mut out = vec![Pair::ZERO; BLOCKS as usize];
+        again.get_range(0, &mut out).unwrap();
+        assert_eq!(out, pairs);
+    }
+
+    #[test]
+    fn get_range_sees_dirty_cached_pages_and_device_pages() {
+        let (dev, mut meta) = fresh(16);
+        let pairs: Vec<Pair> = (0..BLOCKS).map(pair_for).collect();
+        meta.set_range(0, &pairs).unwrap();
+        meta.write_dirty().unwrap();
+        // A new value only in the cache, in the middle of a bulk range.
+        let changed = Pair { new: 9, old: 9 };
+        meta.set(4 * PAIRS_PER_PAGE + 3, changed).unwrap();
+        let mut fresh_view = Metadata::open(dev, 16).unwrap();
+        let mut out = vec![Pair::ZERO; 1000];
+        meta.get_range(100, &mut out).unwrap();
+        for (i, p) in out.iter().enumerate() {
+            let b = 100 + i as u64;
+            let want = if b == 4 * PAIRS_PER_PAGE + 3 {
+                changed
+            } else {
+                pair_for(b)
+            };
+            assert_eq!(*p, want, "block {b}");
+        }
+        fresh_view.get_range(100, &mut out).unwrap();
+        assert_eq!(out[0], pair_for(100));
+    }
+
+    #[test]
+    fn bulk_scan_does_not_flush_the_cache() {
+        let (_dev, mut meta) = fresh(4);
+        meta.set(0, pair_for(0)).unwrap();
+        let mut out = vec![Pair::ZERO; (BLOCKS - PAIRS_PER_PAGE) as usize];
+        meta.get_range(PAIRS_PER_PAGE, &mut out).unwrap();
+        assert_eq!(meta.cached_pages(), 1);
+        assert_eq!(meta.dirty_pages(), 1);
+    }
+
+    #[test]
+    fn truncated_table_is_refused() {
+        let (dev, _meta) = fresh(2);
+        let short = MemDevice::new(meta_len(BLOCKS) - 4096);
+        short
+            .write_at(&dev.bytes()[..(meta_len(BLOCKS) - 4096) as usize], 0)
+            .unwrap();
+        match Metadata::open(short, 2) {
+            Err(MetaError::Truncated { have, need }) => {
+                assert_eq!((have, need), (meta_len(BLOCKS) - 4096, meta_len(BLOCKS)));
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a truncated table"),
+        }
+    }
+
+    #[test]
+    fn create_on_a_short_device_is_refused() {
+        let dev = MemDevice::new(4096);
+        let sb = Superblock::new(512, 512 * 1000, 1).unwrap();
+        assert!(matches!(
+            Metadata::create(dev, sb, 1),
+            Err(MetaError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_superblock_is_bad_magic() {
+        let dev = MemDevice::new(meta_len(4));
+        dev.write_at(b"garbage!", 0).unwrap();
+        assert!(matches!(
+            Metadata::open(dev, 1),
+            Err(MetaError::Superblock(crate::meta::SuperblockError::Magic(
+                _
+            )))
+        ));
+    }
+
+    #[test]
+    fn check_image_refuses_another_size() {
+        let (_dev, meta) = fresh(1);
+        assert!(meta.check_image(BLOCKS * 4096).is_ok());
+        assert!(matches!(
+            meta.check_image(BLOCKS * 4096 + 4096),
+            Err(MetaError::WrongImage { .. })
+        ));
+    }
+
+    #[test]
+    fn store_superblock_bumps_generation_and_syncs() {
+        let (dev, mut meta) = fresh(1);
+        let syncs = *dev.syncs.lock().unwrap();
+        let mut sb = meta.superblock().clone();
+        sb.clean = true;
+        meta.store_superblock(sb).unwrap();
+        assert_eq!(meta.superblock().generation, 1);
+        assert_eq!(*dev.syncs.lock().unwrap(), syncs + 1);
+        let reopened = Metadata::open(dev, 1).unwrap();
+        assert!(reopened.superblock().clean);
+        assert_eq!(reopened.superblock().generation, 1);
+    }
+
+    #[test]
+    fn blocks_past_the_end_are_refused() {
+        let (_dev, mut meta) = fresh(1);
+        assert!(matches!(
+            meta.get(BLOCKS),
+            Err(MetaError::OutOfRange { .. })
+        ));
+        assert!(meta.set(BLOCKS - 1, pair_for(1)).is_ok());
+        let mut out = [Pair::ZERO; 2];
+        assert!(matches!(
+            meta.get_range(BLOCKS - 1, &mut out),
+            Err(MetaError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn random_operations_match_a_model() {
+        // Mixed get/set/get_range/write_dirty against a plain map, with a
+        // cache much smaller than the table so every path gets exercised.
+        let (dev, mut meta) = fresh(3);
+        let mut model = std::collections::HashMap::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let b = next() % BLOCKS;
+            match next() % 10 {
+                0..=3 => {
+                    let p = Pair {
+                        new: next(),
+                        old: next(),
+                    };
+                    meta.set(b, p).unwrap();
+                    model.insert(b, p);
+                }
+                4..=6 => {
+                    let want = model.get(&b).copied().unwrap_or_default();
+                    assert_eq!(meta.get(b).unwrap(), want, "block {b}");
+                }
+                7 | 8 => {
+                    let n = (next() % 600).min(BLOCKS - b) as usize;
+                    let mut out = vec![Pair::ZERO; n];
+                    meta.get_range(b, &mut out).unwrap();
+                    for (i, p) in out.iter().enumerate() {
+                        let k = b + i as u64;
+                        assert_eq!(*p, model.get(&k).copied().unwrap_or_default());
+                    }
+                }
+                _ => {
+                    meta.write_dirty().unwrap();
+                }
+            }
+            assert!(meta.cached_pages() <= 3);
+            assert!(meta.dirty_pages() <= meta.cached_pages());
+        }
+        meta.write_dirty().unwrap();
+        for (b, p) in model {
+            assert_eq!(dev.stored_pair(b), p);
+        }
+    }
+
+    #[test]
+    fn terabyte_table_on_a_sparse_file_uses_bounded_memory() {
+        use crate::io::FileDevice;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let blocks = (1u64 << 40) / 4096;
+        let dev = FileDevice::create(&path, meta_len(blocks), false, false).unwrap();
+        let sb = Superblock::new(4096, 1 << 40, 7).unwrap();
+        let mut meta = Metadata::create(Arc::new(dev), sb, 8).unwrap();
+        let far = [0, blocks / 3, blocks / 2 + 5, blocks - 1];
+        for &b in &far {
+            assert_eq!(meta.get(b).unwrap(), Pair::ZERO, "a hole reads as zeros");
+            meta.set(b, pair_for(b)).unwrap();
+        }
+        meta.write_dirty().unwrap();
+        drop(meta);
+        let dev = FileDevice::open(&path, Default::default()).unwrap();
+        let mut meta = Metadata::open(Arc::new(dev), 2).unwrap();
+        for &b in &far {
+            assert_eq!(meta.get(b).unwrap(), pair_for(b));
+        }
+        assert!(meta.cached_pages() <= 2);
     }
 }

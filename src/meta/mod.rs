@@ -14,7 +14,7 @@ use std::io;
 use std::sync::Arc;
 
 pub use cache::{Metadata, Pair};
-pub use superblock::{Superblock, SuperblockError, HASH_XXH3, SUPERBLOCK_SIZE, VERSION};
+pub use superblock::{Superblock, SuperblockError, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE, VERSION};
 
 /// Byte offset of the pair table.
 pub const TABLE_OFFSET: u64 = 4096;
@@ -39,6 +39,8 @@ pub enum MetaError {
     Truncated { have: u64, need: u64 },
     #[error("metadata belongs to another image: it describes {meta_size} bytes, the image has {data_size}")]
     WrongImage { meta_size: u64, data_size: u64 },
+    #[error("block {block} is past the end of the pair table ({blocks} blocks)")]
+    OutOfRange { block: u64, blocks: u64 },
     #[error("metadata I/O failed while {what}: {source}")]
     Io {
         what: &'static str,

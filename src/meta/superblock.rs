@@ -1,4 +1,24 @@
-//! The 512-byte superblock (stub: see issue 2).
+//! The 512-byte superblock at offset 0 of the metadata device.
+//!
+//! On-disk layout (all integers little endian; the rest of the sector is
+//! zero and covered by the checksum):
+//!
+//! | offset | size | field                                        |
+//! |-------:|-----:|----------------------------------------------|
+//! |      0 |    8 | magic `b"TWINSUM\0"`                         |
+//! |      8 |    4 | version                                      |
+//! |     12 |    4 | block size (512 or 4096)                     |
+//! |     16 |    8 | block count                                  |
+//! |     24 |    4 | hash id                                      |
+//! |     28 |    4 | flags (bit 0 clean, bit 1 synchronous mode)  |
+//! |     32 |    8 | salt                                         |
+//! |     40 |    8 | data size in bytes                           |
+//! |     48 |    8 | generation                                   |
+//! |     56 |    8 | xxh3-64 of the sector with this field zeroed |
+
+use std::ops::Range;
+
+use xxhash_rust::xxh3::xxh3_64;
 
 /// Size of the superblock on disk.
 pub const SUPERBLOCK_SIZE: usize = 512;
@@ -6,6 +26,30 @@ pub const SUPERBLOCK_SIZE: usize = 512;
 pub const VERSION: u32 = 1;
 /// Hash id of xxh3-64 seeded by salt and block number.
 pub const HASH_XXH3: u32 = 1;
+
+/// Identifies twinsum metadata.
+pub const MAGIC: [u8; 8] = *b"TWINSUM\0";
+
+const FLAG_CLEAN: u32 = 1 << 0;
+const FLAG_SYNC_MODE: u32 = 1 << 1;
+const KNOWN_FLAGS: u32 = FLAG_CLEAN | FLAG_SYNC_MODE;
+
+/// Field positions of the on-disk view. Kept in one place so that encode,
+/// decode and the golden-bytes test cannot disagree.
+mod off {
+    use std::ops::Range;
+
+    pub const MAGIC: Range<usize> = 0..8;
+    pub const VERSION: Range<usize> = 8..12;
+    pub const BLOCK_SIZE: Range<usize> = 12..16;
+    pub const BLOCKS: Range<usize> = 16..24;
+    pub const HASH_ID: Range<usize> = 24..28;
+    pub const FLAGS: Range<usize> = 28..32;
+    pub const SALT: Range<usize> = 32..40;
+    pub const DATA_SIZE: Range<usize> = 40..48;
+    pub const GENERATION: Range<usize> = 48..56;
+    pub const CHECKSUM: Range<usize> = 56..64;
+}
 
 /// Decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +70,344 @@ pub struct Superblock {
     pub generation: u64,
 }
 
-/// Why a superblock was refused.
-#[derive(Debug, thiserror::Error)]
+/// Why a superblock was refused. Decode checks in the order of the
+/// variants, so a given corruption always reports the same reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SuperblockError {
+    #[error("superblock is short: {0} bytes, need {SUPERBLOCK_SIZE}")]
+    Short(usize),
     #[error("not twinsum metadata (magic {0:#018x})")]
     Magic(u64),
+    #[error("superblock checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    Checksum { stored: u64, computed: u64 },
+    #[error("unsupported metadata version {0} (this build reads version {VERSION})")]
+    Version(u32),
+    #[error("unknown superblock flags {0:#x}")]
+    Flags(u32),
+    #[error("unsupported block size {0} (512 or 4096)")]
+    BlockSize(u32),
+    #[error("unknown hash id {0}")]
+    HashId(u32),
+    #[error("data size {data_size} is not {blocks} blocks of {block_size} bytes")]
+    DataSize {
+        data_size: u64,
+        blocks: u64,
+        block_size: u32,
+    },
+}
+
+impl Superblock {
+    /// A fresh superblock (unclean, generation 0) for an image of
+    /// `data_size` bytes cut into blocks of `block_size` bytes.
+    pub fn new(block_size: u32, data_size: u64, salt: u64) -> Result<Self, SuperblockError> {
+        check_block_size(block_size)?;
+        let blocks = data_size / u64::from(block_size);
+        if data_size % u64::from(block_size) != 0 {
+            return Err(SuperblockError::DataSize {
+                data_size,
+                blocks,
+                block_size,
+            });
+        }
+        Ok(Self {
+            version: VERSION,
+            block_size,
+            blocks,
+            hash_id: HASH_XXH3,
+            salt,
+            data_size,
+            clean: false,
+            sync_mode: false,
+            generation: 0,
+        })
+    }
+
+    /// The sector as written to disk, checksum included.
+    pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
+        let mut buf = [0u8; SUPERBLOCK_SIZE];
+        let mut flags = 0;
+        if self.clean {
+            flags |= FLAG_CLEAN;
+        }
+        if self.sync_mode {
+            flags |= FLAG_SYNC_MODE;
+        }
+        buf[off::MAGIC].copy_from_slice(&MAGIC);
+        buf[off::VERSION].copy_from_slice(&self.version.to_le_bytes());
+        buf[off::BLOCK_SIZE].copy_from_slice(&self.block_size.to_le_bytes());
+        buf[off::BLOCKS].copy_from_slice(&self.blocks.to_le_bytes());
+        buf[off::HASH_ID].copy_from_slice(&self.hash_id.to_le_bytes());
+        buf[off::FLAGS].copy_from_slice(&flags.to_le_bytes());
+        buf[off::SALT].copy_from_slice(&self.salt.to_le_bytes());
+        buf[off::DATA_SIZE].copy_from_slice(&self.data_size.to_le_bytes());
+        buf[off::GENERATION].copy_from_slice(&self.generation.to_le_bytes());
+        // The checksum field is still zero here, as the checksum requires.
+        let sum = xxh3_64(&buf);
+        buf[off::CHECKSUM].copy_from_slice(&sum.to_le_bytes());
+        buf
+    }
+
+    /// Parse and validate a sector read from disk.
+    pub fn decode(sector: &[u8]) -> Result<Self, SuperblockError> {
+        let buf = sector
+            .get(..SUPERBLOCK_SIZE)
+            .ok_or(SuperblockError::Short(sector.len()))?;
+        let magic = u64_be(buf, off::MAGIC);
+        if magic != u64::from_be_bytes(MAGIC) {
+            return Err(SuperblockError::Magic(magic));
+        }
+        let stored = u64_le(buf, off::CHECKSUM);
+        let computed = checksum_of(buf);
+        if stored != computed {
+            return Err(SuperblockError::Checksum { stored, computed });
+        }
+        let version = u32_le(buf, off::VERSION);
+        // Version 0 was never written; anything newer may change the layout.
+        if version == 0 || version > VERSION {
+            return Err(SuperblockError::Version(version));
+        }
+        let flags = u32_le(buf, off::FLAGS);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(SuperblockError::Flags(flags));
+        }
+        let block_size = u32_le(buf, off::BLOCK_SIZE);
+        check_block_size(block_size)?;
+        let hash_id = u32_le(buf, off::HASH_ID);
+        if hash_id != HASH_XXH3 {
+            return Err(SuperblockError::HashId(hash_id));
+        }
+        let blocks = u64_le(buf, off::BLOCKS);
+        let data_size = u64_le(buf, off::DATA_SIZE);
+        if blocks.checked_mul(u64::from(block_size)) != Some(data_size) {
+            return Err(SuperblockError::DataSize {
+                data_size,
+                blocks,
+                block_size,
+            });
+        }
+        Ok(Self {
+            version,
+            block_size,
+            blocks,
+            hash_id,
+            salt: u64_le(buf, off::SALT),
+            data_size,
+            clean: flags & FLAG_CLEAN != 0,
+            sync_mode: flags & FLAG_SYNC_MODE != 0,
+            generation: u64_le(buf, off::GENERATION),
+        })
+    }
+
+    /// Byte offset of block `block` on the data device.
+    pub fn block_offset(&self, block: u64) -> u64 {
+        block * u64::from(self.block_size)
+    }
+}
+
+fn check_block_size(block_size: u32) -> Result<(), SuperblockError> {
+    match block_size {
+        512 | 4096 => Ok(()),
+        other => Err(SuperblockError::BlockSize(other)),
+    }
+}
+
+/// xxh3-64 of the sector with the checksum field read as zero.
+fn checksum_of(buf: &[u8]) -> u64 {
+    let mut copy = [0u8; SUPERBLOCK_SIZE];
+    copy.copy_from_slice(&buf[..SUPERBLOCK_SIZE]);
+    copy[off::CHECKSUM].fill(0);
+    xxh3_64(&copy)
+}
+
+// The helpers below take field ranges from `off`, which lie inside a
+// SUPERBLOCK_SIZE buffer, so the fallbacks are unreachable; they keep the
+// decoder free of panics all the same.
+fn field<const N: usize>(buf: &[u8], range: Range<usize>) -> [u8; N] {
+    buf.get(range)
+        .and_then(|s| s.try_into().ok())
+        .unwrap_or([0u8; N])
+}
+
+fn u32_le(buf: &[u8], range: Range<usize>) -> u32 {
+    u32::from_le_bytes(field(buf, range))
+}
+
+fn u64_le(buf: &[u8], range: Range<usize>) -> u64 {
+    u64::from_le_bytes(field(buf, range))
+}
+
+fn u64_be(buf: &[u8], range: Range<usize>) -> u64 {
+    u64::from_be_bytes(field(buf, range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Superblock {
+        Superblock {
+            version: VERSION,
+            block_size: 4096,
+            blocks: 0x100,
+            hash_id: HASH_XXH3,
+            salt: 0x0123_4567_89ab_cdef,
+            data_size: 0x100 * 4096,
+            clean: true,
+            sync_mode: false,
+            generation: 7,
+        }
+    }
+
+    /// Re-seal a tampered sector so that the check after the checksum runs.
+    fn reseal(buf: &mut [u8; SUPERBLOCK_SIZE]) {
+        buf[off::CHECKSUM].fill(0);
+        let sum = xxh3_64(buf);
+        buf[off::CHECKSUM].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let mut sb = sample();
+        sb.sync_mode = true;
+        sb.clean = false;
+        assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+    }
+
+    #[test]
+    fn golden_bytes_put_each_field_at_its_offset() {
+        let buf = sample().encode();
+        assert_eq!(&buf[0..8], b"TWINSUM\0");
+        assert_eq!(&buf[8..12], &[1, 0, 0, 0]);
+        assert_eq!(&buf[12..16], &[0x00, 0x10, 0, 0]);
+        assert_eq!(&buf[16..24], &[0x00, 0x01, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&buf[24..28], &[1, 0, 0, 0]);
+        assert_eq!(&buf[28..32], &[1, 0, 0, 0]);
+        assert_eq!(
+            &buf[32..40],
+            &[0xef, 0xcd, 0xab, 0x89, 0x67, 0x45, 0x23, 0x01]
+        );
+        assert_eq!(&buf[40..48], &[0, 0, 0x10, 0, 0, 0, 0, 0]);
+        assert_eq!(&buf[48..56], &[7, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(buf[64..].iter().all(|&b| b == 0));
+        let mut zeroed = buf;
+        zeroed[56..64].fill(0);
+        assert_eq!(&buf[56..64], &xxh3_64(&zeroed).to_le_bytes());
+    }
+
+    #[test]
+    fn corrupted_magic_byte_is_bad_magic() {
+        let mut buf = sample().encode();
+        buf[0] = b'X';
+        assert_eq!(
+            Superblock::decode(&buf),
+            Err(SuperblockError::Magic(u64::from_be_bytes(*b"XWINSUM\0")))
+        );
+    }
+
+    #[test]
+    fn flipped_byte_in_salt_is_a_checksum_error() {
+        let good = sample().encode();
+        let mut buf = good;
+        buf[35] ^= 0x40;
+        let stored = u64::from_le_bytes(good[56..64].try_into().unwrap());
+        let err = Superblock::decode(&buf).unwrap_err();
+        assert_eq!(
+            err,
+            SuperblockError::Checksum {
+                stored,
+                computed: checksum_of(&buf)
+            }
+        );
+    }
+
+    #[test]
+    fn flipped_byte_in_reserved_area_is_a_checksum_error() {
+        let mut buf = sample().encode();
+        buf[400] = 1;
+        assert!(matches!(
+            Superblock::decode(&buf),
+            Err(SuperblockError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn version_from_the_future_is_refused() {
+        let mut buf = sample().encode();
+        buf[8] = 2;
+        reseal(&mut buf);
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(2)));
+    }
+
+    #[test]
+    fn unknown_flag_bits_are_refused() {
+        let mut buf = sample().encode();
+        buf[28] = 0b101;
+        reseal(&mut buf);
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Flags(0b101)));
+    }
+
+    #[test]
+    fn odd_block_size_is_refused() {
+        let mut buf = sample().encode();
+        buf[12..16].copy_from_slice(&1024u32.to_le_bytes());
+        reseal(&mut buf);
+        assert_eq!(
+            Superblock::decode(&buf),
+            Err(SuperblockError::BlockSize(1024))
+        );
+    }
+
+    #[test]
+    fn unknown_hash_id_is_refused() {
+        let mut buf = sample().encode();
+        buf[24] = 9;
+        reseal(&mut buf);
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::HashId(9)));
+    }
+
+    #[test]
+    fn data_size_must_be_blocks_times_block_size() {
+        let mut buf = sample().encode();
+        buf[40] = 1;
+        reseal(&mut buf);
+        assert_eq!(
+            Superblock::decode(&buf),
+            Err(SuperblockError::DataSize {
+                data_size: 0x100 * 4096 + 1,
+                blocks: 0x100,
+                block_size: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn magic_is_checked_before_checksum() {
+        // A sector of zeros (a hole) fails on the magic, not the checksum.
+        assert_eq!(
+            Superblock::decode(&[0u8; SUPERBLOCK_SIZE]),
+            Err(SuperblockError::Magic(0))
+        );
+    }
+
+    #[test]
+    fn short_buffer_is_refused() {
+        assert_eq!(
+            Superblock::decode(&[0u8; 100]),
+            Err(SuperblockError::Short(100))
+        );
+    }
+
+    #[test]
+    fn new_counts_blocks_and_rejects_partial_blocks() {
+        let sb = Superblock::new(512, 512 * 10, 3).unwrap();
+        assert_eq!((sb.blocks, sb.salt, sb.clean), (10, 3, false));
+        assert!(matches!(
+            Superblock::new(4096, 4097, 0),
+            Err(SuperblockError::DataSize { .. })
+        ));
+        assert_eq!(
+            Superblock::new(2048, 4096, 0),
+            Err(SuperblockError::BlockSize(2048))
+        );
+    }
 }
