@@ -61,7 +61,6 @@ impl Device for Mem {
 struct Disk {
     data: Arc<Mem>,
     meta: Arc<Mem>,
-    bs: usize,
 }
 
 impl Disk {
@@ -73,11 +72,7 @@ impl Disk {
         let mut sb = Superblock::new(bs, size, 0x5eed).unwrap();
         sb.clean = true;
         Metadata::create(meta.clone(), sb, 64).unwrap();
-        Self {
-            data,
-            meta,
-            bs: bs as usize,
-        }
+        Self { data, meta }
     }
     fn open(&self, opts: EngineOptions) -> Engine {
         Engine::open(self.data.clone(), self.meta.clone(), opts).unwrap()
