@@ -1,11 +1,280 @@
-//! `twinsum format` (stub until implemented).
+//! `twinsum format`: write fresh metadata for IMG.
+//!
+//! Only data regions are read: holes and all-zero blocks keep the zero pair
+//! of a fresh (sparse) table, so formatting a sparse image costs no hashing
+//! and no table writes. Every other block gets `(c, c)`.
 
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use twinsum::integrity::hash;
+use twinsum::io::{Device, FileDevice};
+use twinsum::meta::{meta_len, Metadata, Pair, Superblock, SUPERBLOCK_SIZE};
+
+use super::check::{lock, progress_bar, scan_data};
 
 /// Arguments of `twinsum format`.
 #[derive(Debug, clap::Args)]
-pub struct FormatArgs {}
+pub struct FormatArgs {
+    /// The data image (file or block device). Created sparse with --size if
+    /// it does not exist.
+    #[arg(long, value_name = "IMG")]
+    data: PathBuf,
+    /// Where to write the metadata (file or block device).
+    #[arg(long, value_name = "META")]
+    meta: PathBuf,
+    /// Size of IMG in bytes, with an optional binary suffix (K, M, G, T, P;
+    /// e.g. 10G = 10 GiB). Required if IMG does not exist; must match IMG
+    /// if it does.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    size: Option<u64>,
+    /// Block size the guest sees: 512 or 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    block_size: u32,
+    /// Overwrite META even if it already holds metadata or other data.
+    #[arg(long)]
+    force: bool,
+}
 
-pub fn run(_args: FormatArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("format is not implemented yet")
+/// Validated `format` arguments.
+#[derive(Debug)]
+struct FormatConfig {
+    data: PathBuf,
+    meta: PathBuf,
+    size: Option<u64>,
+    block_size: u32,
+    force: bool,
+}
+
+impl TryFrom<FormatArgs> for FormatConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: FormatArgs) -> anyhow::Result<Self> {
+        if a.block_size != 512 && a.block_size != 4096 {
+            bail!("--block-size must be 512 or 4096, not {}", a.block_size);
+        }
+        if let Some(size) = a.size {
+            check_size(size, a.block_size).context("bad --size")?;
+        }
+        Ok(Self {
+            data: a.data,
+            meta: a.meta,
+            size: a.size,
+            block_size: a.block_size,
+            force: a.force,
+        })
+    }
+}
+
+/// Metadata pages cached while formatting: pairs are set in block order, so
+/// a few pages suffice; write-back happens per data chunk.
+const CACHE_PAGES: usize = 64;
+
+pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
+    let cfg = FormatConfig::try_from(args)?;
+    // Before IMG is touched, so a refusal creates nothing.
+    refuse_to_overwrite(&cfg)?;
+    let (data, _data_lock) = open_data(&cfg)?;
+    let data_size = data.size();
+    check_size(data_size, cfg.block_size)
+        .with_context(|| format!("cannot format {}", cfg.data.display()))?;
+    let sb = Superblock::new(cfg.block_size, data_size, rand::random())?;
+    let meta_dev = create_meta(&cfg.meta, meta_len(sb.blocks))?;
+    let mut meta = Metadata::create(Arc::new(meta_dev), sb, CACHE_PAGES)
+        .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
+    let hashed = hash_data(&mut meta, &data)
+        .with_context(|| format!("formatting {}", cfg.data.display()))?;
+    mark_clean(&mut meta).with_context(|| format!("cannot finish {}", cfg.meta.display()))?;
+    let sb = meta.superblock();
+    writeln!(
+        std::io::stdout(),
+        "formatted {} for {}: {} blocks of {} bytes, {} hashed, the rest read as zeros",
+        cfg.meta.display(),
+        cfg.data.display(),
+        sb.blocks,
+        sb.block_size,
+        hashed
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Open IMG (exclusively locked, so no `serve` runs on it meanwhile), or
+/// create it sparse when it does not exist and --size was given.
+fn open_data(cfg: &FormatConfig) -> anyhow::Result<(FileDevice, Option<File>)> {
+    let path = &cfg.data;
+    if !path.exists() {
+        let Some(size) = cfg.size else {
+            bail!(
+                "{} does not exist; give --size to create it",
+                path.display()
+            );
+        };
+        let dev = FileDevice::create(path, size, false, true)
+            .with_context(|| format!("cannot create image {}", path.display()))?;
+        log::info!("created sparse image {} of {size} bytes", path.display());
+        return Ok((dev, None));
+    }
+    let lock = lock(path, true)?;
+    let dev = FileDevice::open(path, Default::default())
+        .with_context(|| format!("cannot open image {}", path.display()))?;
+    if let Some(size) = cfg.size {
+        if size != dev.size() {
+            bail!(
+                "{} is {} bytes, not the {size} that --size asks for",
+                path.display(),
+                dev.size()
+            );
+        }
+    }
+    Ok((dev, Some(lock)))
+}
+
+/// Refuse an existing META that holds metadata or anything else, unless
+/// --force: formatting throws the old checksums away.
+fn refuse_to_overwrite(cfg: &FormatConfig) -> anyhow::Result<()> {
+    if cfg.force || !cfg.meta.exists() {
+        return Ok(());
+    }
+    let dev = FileDevice::open(&cfg.meta, Default::default())
+        .with_context(|| format!("cannot open metadata {}", cfg.meta.display()))?;
+    let mut sector = vec![0u8; SUPERBLOCK_SIZE.min(dev.size() as usize)];
+    dev.read_at(&mut sector, 0)
+        .with_context(|| format!("cannot read {}", cfg.meta.display()))?;
+    if let Ok(sb) = Superblock::decode(&sector) {
+        bail!(
+            "{} already holds twinsum metadata (for {} bytes of data); use --force to overwrite it",
+            cfg.meta.display(),
+            sb.data_size
+        );
+    }
+    // A regular file counts as in use if it has any bytes; a block device
+    // always has a size, so look at its first sector instead.
+    let in_use = if dev.is_block_device() {
+        !hash::is_zero(&sector)
+    } else {
+        dev.size() > 0
+    };
+    if in_use {
+        bail!(
+            "{} is not empty; use --force to overwrite it",
+            cfg.meta.display()
+        );
+    }
+    Ok(())
+}
+
+/// Create (or truncate) META at `len` bytes, exclusively locked.
+fn create_meta(path: &Path, len: u64) -> anyhow::Result<FileDevice> {
+    if path.exists() {
+        // A block device keeps its size: make sure the table fits before
+        // FileDevice::create takes the requested size on trust.
+        let existing = FileDevice::open(path, Default::default())
+            .with_context(|| format!("cannot open metadata {}", path.display()))?;
+        if existing.is_block_device() && existing.size() < len {
+            bail!(
+                "{} holds {} bytes, the metadata needs {len}",
+                path.display(),
+                existing.size()
+            );
+        }
+    }
+    FileDevice::create(path, len, path.exists(), true)
+        .with_context(|| format!("cannot create metadata {}", path.display()))
+}
+
+/// Store `(c, c)` for every block with non-zero content. Returns how many.
+fn hash_data(meta: &mut Metadata, data: &FileDevice) -> anyhow::Result<u64> {
+    let sb = meta.superblock().clone();
+    let bs = u64::from(sb.block_size);
+    let progress = progress_bar(data.size(), "formatting");
+    let mut hashed = 0;
+    scan_data(data, bs, |offset, chunk| {
+        let first = offset / bs;
+        for (i, block_data) in chunk.chunks_exact(bs as usize).enumerate() {
+            if hash::is_zero(block_data) {
+                continue;
+            }
+            let block = first + i as u64;
+            let c = hash::block_hash(sb.salt, block, block_data);
+            meta.set(block, Pair { new: c, old: c })?;
+            hashed += 1;
+        }
+        // Pages are finished in order: write them in big runs now rather
+        // than one at a time on eviction.
+        meta.write_dirty()?;
+        progress.set_position(offset + chunk.len() as u64);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    Ok(hashed)
+}
+
+/// Make the table durable, then mark the superblock clean.
+fn mark_clean(meta: &mut Metadata) -> anyhow::Result<()> {
+    meta.write_dirty()?;
+    meta.device().sync().context("syncing the pair table")?;
+    let mut sb = meta.superblock().clone();
+    sb.clean = true;
+    meta.store_superblock(sb)?;
+    Ok(())
+}
+
+/// A size must be a positive whole number of blocks.
+fn check_size(size: u64, block_size: u32) -> anyhow::Result<()> {
+    if size == 0 {
+        bail!("the image size must not be zero");
+    }
+    if size % u64::from(block_size) != 0 {
+        bail!("{size} bytes is not a whole number of {block_size}-byte blocks");
+    }
+    Ok(())
+}
+
+/// Parse a whole number of bytes with an optional binary suffix: `4096`,
+/// `512K`, `10G`, `1T`, `2GiB` (case-insensitive; `B`, `iB` optional).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 512K, 10G, 1T)"))?;
+    let unit = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        "p" | "pib" | "pb" => 1 << 50,
+        other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("20000000P").is_err());
+    }
 }

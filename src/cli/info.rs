@@ -1,11 +1,94 @@
-//! `twinsum info` (stub until implemented).
+//! `twinsum info`: print the metadata superblock.
+//!
+//! Takes no lock, so it works while `serve` holds the disk; it reads only
+//! sector 0, which is always written whole.
 
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Serialize;
+use twinsum::io::FileDevice;
+use twinsum::meta::{Metadata, Superblock, HASH_XXH3};
 
 /// Arguments of `twinsum info`.
 #[derive(Debug, clap::Args)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// The metadata file or device written by `twinsum format`.
+    #[arg(long, value_name = "META")]
+    meta: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: InfoArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("info is not implemented yet")
+/// What `info --json` prints.
+#[derive(Debug, Serialize)]
+struct Info {
+    version: u32,
+    block_size: u32,
+    blocks: u64,
+    data_size: u64,
+    clean: bool,
+    sync_mode: bool,
+    /// Hex string: JSON numbers lose precision past 2^53.
+    salt: String,
+    generation: u64,
+    hash: &'static str,
+}
+
+impl From<&Superblock> for Info {
+    fn from(sb: &Superblock) -> Self {
+        Self {
+            version: sb.version,
+            block_size: sb.block_size,
+            blocks: sb.blocks,
+            data_size: sb.data_size,
+            clean: sb.clean,
+            sync_mode: sb.sync_mode,
+            salt: format!("{:#018x}", sb.salt),
+            generation: sb.generation,
+            hash: hash_name(sb.hash_id),
+        }
+    }
+}
+
+fn hash_name(id: u32) -> &'static str {
+    match id {
+        HASH_XXH3 => "xxh3-64",
+        _ => "unknown",
+    }
+}
+
+pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
+    let dev = FileDevice::open(&args.meta, Default::default())
+        .with_context(|| format!("cannot open metadata {}", args.meta.display()))?;
+    // Opening also checks that the table is as long as the superblock says.
+    let meta = Metadata::open(Arc::new(dev), 1)
+        .with_context(|| format!("cannot use metadata {}", args.meta.display()))?;
+    let info = Info::from(meta.superblock());
+    let mut out = io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &info)?;
+        writeln!(out)?;
+    } else {
+        print_text(&mut out, &info)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_text(out: &mut impl Write, i: &Info) -> io::Result<()> {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    writeln!(out, "version:     {}", i.version)?;
+    writeln!(out, "block size:  {}", i.block_size)?;
+    writeln!(out, "blocks:      {}", i.blocks)?;
+    writeln!(out, "data size:   {} bytes", i.data_size)?;
+    writeln!(out, "hash:        {}", i.hash)?;
+    writeln!(out, "salt:        {}", i.salt)?;
+    writeln!(out, "generation:  {}", i.generation)?;
+    writeln!(out, "clean:       {}", yes_no(i.clean))?;
+    writeln!(out, "sync mode:   {}", yes_no(i.sync_mode))
 }

@@ -82,9 +82,12 @@ impl Metadata {
 
     /// Read and validate the superblock and the table length.
     pub fn open(dev: DeviceRef, cache_pages: usize) -> Result<Self, MetaError> {
-        check_len(&dev, SUPERBLOCK_SIZE as u64)?;
+        // A device shorter than a sector is read as far as it goes: garbage
+        // then fails on the magic, which names the problem better than a
+        // length would; a cut-off superblock fails the length check below.
         let mut sector = [0u8; SUPERBLOCK_SIZE];
-        dev.read_at(&mut sector, 0)
+        let have = dev.size().min(SUPERBLOCK_SIZE as u64) as usize;
+        dev.read_at(&mut sector[..have], 0)
             .map_err(io_err("reading the superblock"))?;
         let sb = Superblock::decode(&sector)?;
         check_len(&dev, meta_len(sb.blocks))?;
@@ -851,6 +854,29 @@ mod tests {
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("opened a truncated table"),
         }
+    }
+
+    #[test]
+    fn tiny_garbage_file_is_bad_magic_not_truncated() {
+        let dev = MemDevice::new(8);
+        dev.write_at(b"garbage\n", 0).unwrap();
+        assert!(matches!(
+            Metadata::open(dev, 1),
+            Err(MetaError::Superblock(crate::meta::SuperblockError::Magic(
+                _
+            )))
+        ));
+    }
+
+    #[test]
+    fn cut_off_superblock_is_truncated() {
+        let (dev, _meta) = fresh(1);
+        let short = MemDevice::new(100);
+        short.write_at(&dev.bytes()[..100], 0).unwrap();
+        assert!(matches!(
+            Metadata::open(short, 1),
+            Err(MetaError::Truncated { have: 100, .. })
+        ));
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn meta_len(blocks: u64) -> u64 {
 pub enum MetaError {
     #[error("bad superblock: {0}")]
     Superblock(#[from] SuperblockError),
-    #[error("metadata is truncated: {have} bytes, the pair table needs {need}")]
+    #[error("metadata is truncated: {have} bytes, it needs {need}")]
     Truncated { have: u64, need: u64 },
     #[error("metadata belongs to another image: it describes {meta_size} bytes, the image has {data_size}")]
     WrongImage { meta_size: u64, data_size: u64 },
