@@ -1,11 +1,101 @@
-//! `twinsum serve` (stub until implemented).
+//! `twinsum serve`: arguments → validated [`ServeConfig`] → serve.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use twinsum::blk::backend::MAX_QUEUES;
+use twinsum::blk::request::ID_LEN;
+use twinsum::blk::{serve, ServeConfig};
+use twinsum::integrity::OnMismatch;
 
 /// Arguments of `twinsum serve`.
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Unix socket to listen on (created with mode 0600; a stale one is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The data image (file or block device).
+    #[arg(long, value_name = "IMG")]
+    data: PathBuf,
+    /// The metadata file or device written by `twinsum format`.
+    #[arg(long, value_name = "META")]
+    meta: PathBuf,
+    /// Number of virtqueues, each served by its own thread (1-64).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    queues: u16,
+    /// Largest virtqueue size a front-end may set (a power of two, 2-32768).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    queue_size: u16,
+    /// Offer a read-only disk; writes fail with an I/O error.
+    #[arg(long)]
+    readonly: bool,
+    /// Serial number the guest reads (GET_ID), at most 20 bytes
+    /// [default: derived from the image file].
+    #[arg(long, value_name = "ID")]
+    serial: Option<String>,
+    /// Seconds between write-backs of dirty metadata pages.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    writeback_interval: u64,
+    /// What a read that matches neither checksum does.
+    #[arg(long, value_enum, default_value_t = MismatchArg::Error)]
+    on_mismatch: MismatchArg,
+}
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("serve is not implemented yet")
+/// `--on-mismatch` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MismatchArg {
+    /// Fail the read with an I/O error.
+    Error,
+    /// Log and count, but return the data.
+    Log,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
+        if a.queues == 0 || a.queues > MAX_QUEUES {
+            bail!(
+                "--queues must be between 1 and {MAX_QUEUES}, not {}",
+                a.queues
+            );
+        }
+        if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
+            bail!(
+                "--queue-size must be a power of two between 2 and 32768, not {}",
+                a.queue_size
+            );
+        }
+        if let Some(s) = &a.serial {
+            if s.len() > ID_LEN {
+                bail!("--serial is {} bytes; at most {ID_LEN} fit", s.len());
+            }
+        }
+        if a.writeback_interval == 0 {
+            bail!("--writeback-interval must be at least 1 second");
+        }
+        Ok(ServeConfig {
+            socket: a.socket,
+            data: a.data,
+            meta: a.meta,
+            queues: a.queues,
+            queue_size: a.queue_size,
+            readonly: a.readonly,
+            serial: a.serial,
+            writeback_interval: Duration::from_secs(a.writeback_interval),
+            on_mismatch: match a.on_mismatch {
+                MismatchArg::Error => OnMismatch::Error,
+                MismatchArg::Log => OnMismatch::Log,
+            },
+        })
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = ServeConfig::try_from(args)?;
+    let socket = cfg.socket.clone();
+    serve(cfg).with_context(|| format!("serve on {}", socket.display()))?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,282 @@
+//! The vhost-user backend: one per front-end connection, over the shared
+//! [`Disk`].
+//!
+//! Each queue has its own worker thread (`queues_per_thread` gives one
+//! queue per thread), so the backend uses the shared-reference trait and
+//! only per-queue state is locked: queues run in parallel and meet only in
+//! the engine, whose group commit spans them.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{self, ConfigSpace};
+use super::execute::Disk;
+use super::request::Request;
+
+/// Guest memory as the vhost-user crates share it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// The vring type of [`BlkBackend`].
+pub type Vring = VringRwLock<GuestMem>;
+
+/// Most queues one backend serves: `queues_per_thread` is a 64-bit mask.
+pub const MAX_QUEUES: u16 = 64;
+
+/// The backend of one front-end connection.
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    mem: GuestMem,
+    num_queues: usize,
+    max_queue_size: usize,
+    config: Mutex<ConfigSpace>,
+    event_idx: AtomicBool,
+    /// Held by a worker while it runs a batch, so that stopping a ring or
+    /// the connection can wait for requests in flight.
+    busy: Vec<Mutex<()>>,
+    /// Notifiers of the workers' exit events.
+    exits: Mutex<Vec<EventNotifier>>,
+    /// Set once the connection is gone: workers then touch nothing.
+    closed: AtomicBool,
+    /// Rings the driver has started (bit per queue), to tell a device
+    /// stop (all rings stopped) and a device start (a stopped ring runs).
+    started: AtomicU64,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Arc<Disk>, num_queues: u16, max_queue_size: u16, mem: GuestMem) -> Self {
+        let num_queues = usize::from(num_queues.clamp(1, MAX_QUEUES));
+        let l = disk.limits();
+        let config = ConfigSpace::new(l.block_size, l.blocks, num_queues as u16, true);
+        Self {
+            disk,
+            mem,
+            num_queues,
+            max_queue_size: usize::from(max_queue_size),
+            config: Mutex::new(config),
+            event_idx: AtomicBool::new(false),
+            busy: (0..num_queues).map(|_| Mutex::new(())).collect(),
+            exits: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    /// The connection is over: stop the workers and wait for the batches
+    /// they are running. No request is touched afterwards.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for n in self
+            .exits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            if let Err(e) = n.notify() {
+                log::warn!("cannot stop a queue worker: {e}");
+            }
+        }
+        for b in &self.busy {
+            drop(b.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    fn write_through(&self) -> bool {
+        let c = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        c.writeback == 0
+    }
+
+    /// First activity on a ring since the connection began or the ring was
+    /// stopped: the driver (re)started the device.
+    fn note_started(&self, queue: usize) {
+        let bit = 1u64 << queue;
+        let before = self.started.fetch_or(bit, Ordering::AcqRel);
+        if before & bit == 0 {
+            log::debug!("queue {queue} started");
+            self.disk.leave_sync_mode("the driver started the device");
+        }
+    }
+
+    /// Drain a ring, one engine batch per pass, signalling once per pass.
+    fn drain(&self, vring: &Vring) -> Result<(), virtio_queue::Error> {
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                vring.disable_notification()?;
+            }
+            self.process(vring)?;
+            // With EVENT_IDX, re-enabling notifications tells us whether the
+            // driver added buffers meanwhile; without it a kick will come.
+            if !event_idx || !vring.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn process(&self, vring: &Vring) -> Result<(), virtio_queue::Error> {
+        let mem = self.mem.memory();
+        let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone())?.collect();
+        if chains.is_empty() {
+            return Ok(());
+        }
+        let limits = *self.disk.limits();
+        let parsed = chains
+            .into_iter()
+            .map(|c| Request::parse(c, &limits))
+            .collect();
+        let used = self.disk.run(&*mem, parsed, self.write_through());
+        for u in used {
+            vring.add_used(u.head, u.len)?;
+        }
+        if vring.needs_notification()? {
+            if let Err(e) = vring.signal_used_queue() {
+                self.disk.warn(format_args!("cannot signal the guest: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        config::features(self.disk.readonly()) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("front-end acked features {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        for b in &self.busy {
+            drop(b.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        self.started.store(0, Ordering::Release);
+        self.config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .writeback = 1;
+        self.disk.enter_sync_mode("device reset");
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        c.read(offset, size).unwrap_or_default()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if let Some(wce) = ConfigSpace::writeback_from(offset, buf) {
+            let mut c = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+            c.writeback = u8::from(wce);
+            log::info!(
+                "driver set the write cache to {}",
+                if wce { "write-back" } else { "write-through" }
+            );
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // `self.mem` is the same GuestMemoryAtomic the handler updates.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) =
+            match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    log::error!("cannot create a worker exit event: {e}");
+                    return None;
+                }
+            };
+        match notifier.try_clone() {
+            Ok(n) => self
+                .exits
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(n),
+            Err(e) => log::error!("cannot keep a worker exit event: {e}"),
+        }
+        Some((consumer, notifier))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        // Wait for the batch in flight on this ring (GET_VRING_BASE must
+        // not return while we still complete requests).
+        if let Some(b) = self.busy.get(q) {
+            drop(b.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        let bit = 1u64.checked_shl(queue_index).unwrap_or(0);
+        let before = self.started.fetch_and(!bit, Ordering::AcqRel);
+        if before & bit != 0 && before & !bit == 0 {
+            self.disk.enter_sync_mode("all queues stopped");
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the event index is the thread's only ring
+        // and the thread index is the queue index.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        let Some(busy) = self.busy.get(thread_id) else {
+            return Ok(());
+        };
+        let _busy = busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) || !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        self.note_started(thread_id);
+        // A broken ring is the guest's problem; returning an error here
+        // would end the worker thread for good.
+        if let Err(e) = self.drain(vring) {
+            self.disk.warn(format_args!(
+                "queue {thread_id}: cannot process the ring: {e}"
+            ));
+        }
+        Ok(())
+    }
+}

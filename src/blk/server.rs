@@ -1,0 +1,436 @@
+//! `twinsum serve`: the socket, the connection loop, signals and the
+//! periodic write-back thread.
+//!
+//! One front-end at a time. When it goes away we stop its workers, put the
+//! metadata in synchronous mode, mark it clean, and wait for the next one
+//! (a restarted VM reattaches). SIGTERM/SIGINT end the process after the
+//! same orderly stop; SIGUSR1 switches to synchronous metadata (DESIGN §4).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::BlkBackend;
+use super::config;
+use super::execute::Disk;
+use super::request::ID_LEN;
+use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch};
+use crate::io::{FileDevice, OpenFlags};
+use crate::meta::DeviceRef;
+
+/// A validated `serve` configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub socket: PathBuf,
+    pub data: PathBuf,
+    pub meta: PathBuf,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub readonly: bool,
+    /// GET_ID string; `None` derives one from the image.
+    pub serial: Option<String>,
+    pub writeback_interval: Duration,
+    pub on_mismatch: OnMismatch,
+}
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{} is in use by another twinsum (lock {} is held)", socket.display(), lock.display())]
+    SocketLocked { socket: PathBuf, lock: PathBuf },
+    #[error("{} is in use by a live process", .0.display())]
+    SocketLive(PathBuf),
+    #[error("{} exists and is not a socket; not replacing it", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot set up socket {}: {source}", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Open(#[source] io::Error),
+    #[error("cannot open the disk: {0}")]
+    Engine(#[source] EngineError),
+    #[error("cannot set up signals: {0}")]
+    Signals(#[source] io::Error),
+    #[error("vhost-user: {0}")]
+    Vhost(String),
+}
+
+/// Serve until SIGTERM/SIGINT; `Ok` after an orderly stop.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // Before any thread exists, so that every thread inherits the mask and
+    // only the signal thread ever sees these signals (via sigwait): no
+    // asynchronous handler runs at all.
+    let signals = block_signals().map_err(ServeError::Signals)?;
+
+    let _socket_lock = lock_socket(&cfg.socket)?;
+    let flags = OpenFlags {
+        writable: !cfg.readonly,
+        lock: true,
+    };
+    let data: DeviceRef = Arc::new(FileDevice::open(&cfg.data, flags).map_err(ServeError::Open)?);
+    let meta: DeviceRef = Arc::new(FileDevice::open(&cfg.meta, flags).map_err(ServeError::Open)?);
+    let opts = EngineOptions {
+        on_mismatch: cfg.on_mismatch,
+        readonly: cfg.readonly,
+        ..EngineOptions::default()
+    };
+    let engine = Arc::new(Engine::open(data, meta, opts).map_err(ServeError::Engine)?);
+    if !engine.was_clean() {
+        log::warn!("metadata was not closed cleanly (crash?); both checksum slots still verify");
+    }
+    let serial = match &cfg.serial {
+        Some(s) => s.clone(),
+        None => default_serial(&cfg.data),
+    };
+    let limits = config::limits(engine.block_size(), engine.blocks());
+    let disk = Arc::new(Disk::new(engine, limits, cfg.readonly, &serial));
+
+    let listener = bind_socket(&cfg.socket)?;
+    log::info!(
+        "serving {} ({} blocks of {} bytes{}) on {}, {} queue(s), serial {serial:?}",
+        cfg.data.display(),
+        limits.blocks,
+        limits.block_size,
+        if cfg.readonly { ", read-only" } else { "" },
+        cfg.socket.display(),
+        cfg.queues,
+    );
+
+    let control = Arc::new(Control {
+        stop: AtomicBool::new(false),
+        wake: EventFd::new(EFD_NONBLOCK).map_err(ServeError::Signals)?,
+        conn: Mutex::new(None),
+        socket: cfg.socket.clone(),
+    });
+    let writeback = Periodic::start(disk.clone(), cfg.writeback_interval);
+    let sig_thread = {
+        let (control, disk) = (control.clone(), disk.clone());
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || signal_loop(signals, &control, &disk))
+            .map_err(ServeError::Signals)?
+    };
+
+    let result = serve_connections(&cfg, &disk, &control, listener);
+
+    writeback.stop();
+    disk.make_clean("stopping");
+    let s = disk.engine().stats();
+    log::info!(
+        "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs, {} metadata syncs",
+        s.reads,
+        s.writes,
+        s.mismatches,
+        s.data_syncs,
+        s.meta_syncs
+    );
+    if let Err(e) = fs::remove_file(&cfg.socket) {
+        log::warn!("cannot remove {}: {e}", cfg.socket.display());
+    }
+    if result.is_ok() {
+        // It has seen SIGTERM/SIGINT, or we would not be here.
+        let _ = sig_thread.join();
+    }
+    result
+}
+
+/// What the signal thread shares with the connection loop.
+struct Control {
+    stop: AtomicBool,
+    /// Wakes the connection loop out of its wait for a front-end.
+    wake: EventFd,
+    /// The live connection, to cut it on SIGTERM.
+    conn: Mutex<Option<ShutdownHandle>>,
+    socket: PathBuf,
+}
+
+impl Control {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            log::warn!("cannot wake the connection loop: {e}");
+        }
+        if let Some(h) = self
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+}
+
+fn serve_connections(
+    cfg: &ServeConfig,
+    disk: &Arc<Disk>,
+    control: &Control,
+    listener: UnixListener,
+) -> Result<(), ServeError> {
+    let mut listener = Listener::from(listener);
+    loop {
+        if !wait_for_frontend(&listener, control)? || control.stopping() {
+            return Ok(());
+        }
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(
+            disk.clone(),
+            cfg.queues,
+            cfg.queue_size,
+            mem.clone(),
+        ));
+        let mut daemon = VhostUserDaemon::new("twinsum".into(), backend.clone(), mem)
+            .map_err(|e| ServeError::Vhost(e.to_string()))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| ServeError::Vhost(e.to_string()))?;
+        log::info!("front-end connected");
+        *control.conn.lock().unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
+        if control.stopping() {
+            daemon.request_shutdown();
+        }
+        let ended = daemon.wait();
+        *control.conn.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        match ended {
+            Ok(()) => log::info!("front-end disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("front-end disconnected"),
+            Err(_) if control.stopping() => log::info!("closed the front-end connection"),
+            Err(e) => log::warn!("front-end connection ended: {e}"),
+        }
+        // Finish what the workers are running, then nothing touches this
+        // connection's rings again.
+        backend.close();
+        drop(daemon);
+        disk.enter_sync_mode("front-end disconnected");
+        disk.make_clean("front-end disconnected");
+    }
+}
+
+/// Block until a front-end connects (`true`) or we are asked to stop.
+fn wait_for_frontend(listener: &Listener, control: &Control) -> Result<bool, ServeError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: control.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if control.stopping() {
+            return Ok(false);
+        }
+        // SAFETY: `fds` is a live array of two initialised pollfd structs and
+        // its length is passed alongside.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ServeError::Socket {
+                path: control.socket.clone(),
+                source: e,
+            });
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// `<socket>.lock`, held for the life of the process: a second twinsum on
+/// the same socket stops here instead of probing (and disturbing) ours.
+/// The file is left behind on exit: unlinking a lock file that another
+/// process may have just opened would let two processes both "hold" it.
+fn lock_socket(socket: &Path) -> Result<File, ServeError> {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let err = |source| ServeError::Socket {
+        path: lock.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&lock)
+        .map_err(err)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(ServeError::SocketLocked {
+                socket: socket.to_owned(),
+                lock,
+            });
+        }
+        return Err(err(e));
+    }
+    Ok(file)
+}
+
+/// Create the listening socket with mode 0600, replacing a stale one.
+fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::SocketLive(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing stale socket {}", path.display());
+                fs::remove_file(path).map_err(err)?;
+            }
+            Err(e) => return Err(err(e)),
+        },
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // The socket is created with the process umask; make it 0600 from the
+    // start rather than chmod it after a window. No other thread runs yet.
+    // SAFETY: umask only swaps the process file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    bound.map_err(err)
+}
+
+/// A GET_ID serial that stays the same while the image file does: a hash
+/// of its device and inode numbers.
+fn default_serial(data: &Path) -> String {
+    let key = match fs::metadata(data) {
+        Ok(m) => [m.dev().to_le_bytes(), m.ino().to_le_bytes()].concat(),
+        Err(_) => data.as_os_str().as_encoded_bytes().to_vec(),
+    };
+    let mut s = format!("ts{:016x}", xxhash_rust::xxh3::xxh3_64(&key));
+    s.truncate(ID_LEN);
+    s
+}
+
+/// The signals we handle, blocked in every thread.
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it fully.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only modify it and the
+    // calling thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+/// Synchronous signal handling: sigwait in an ordinary thread, so the
+/// work a signal triggers is ordinary code, not a signal handler.
+fn signal_loop(set: libc::sigset_t, control: &Control, disk: &Disk) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a live c_int.
+        let rc = unsafe { libc::sigwait(&set, &mut sig) };
+        if rc != 0 {
+            log::error!("sigwait failed: {}", io::Error::from_raw_os_error(rc));
+            return;
+        }
+        match sig {
+            libc::SIGUSR1 => disk.enter_sync_mode("SIGUSR1"),
+            libc::SIGTERM | libc::SIGINT => {
+                let name = if sig == libc::SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                };
+                log::info!("{name}: finishing requests in flight and stopping");
+                control.request_stop();
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The periodic metadata write-back thread.
+struct Periodic {
+    state: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Periodic {
+    fn start(disk: Arc<Disk>, interval: Duration) -> Self {
+        let state = Arc::new((Mutex::new(false), Condvar::new()));
+        let st = state.clone();
+        let thread = thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || loop {
+                let (lock, cv) = &*st;
+                let stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                let (stopped, _) = cv
+                    .wait_timeout_while(stopped, interval, |s| !*s)
+                    .unwrap_or_else(PoisonError::into_inner);
+                if *stopped {
+                    return;
+                }
+                drop(stopped);
+                disk.writeback();
+            });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::error!("cannot start the write-back thread: {e}");
+                None
+            }
+        };
+        Self { state, thread }
+    }
+
+    fn stop(mut self) {
+        let (lock, cv) = &*self.state;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
