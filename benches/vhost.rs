@@ -331,6 +331,7 @@ fn run() -> Result<bool> {
         cfg.secs,
         cfg.rounds
     );
+    println!("QD = requests in flight summed over all queues, split evenly between them");
     println!(
         "cache: both servers buffered through the host page cache (qsd cache.direct=off aio=threads, \
          twinsum pread/pwrite), both images copied, synced and read once before the start"
