@@ -48,8 +48,10 @@ write_record() {
   printf 'twinsum-record %s %s\n' "$1" "$2" >/tmp/record
   dd if=/tmp/record of=$DISK bs=1M seek=$RECORD_MIB count=1 conv=sync oflag=direct status=none
 }
-# Print the VALUE of the record if its KEY matches, nothing otherwise.
+# Print the VALUE of the record if its KEY matches, nothing otherwise. Read
+# exactly one logical block: a reader that stops early would SIGPIPE dd.
 read_record() {
-  read_mib $RECORD_MIB 1 | head -c 200 | tr -d '\000' |
-    sed -n "s/^twinsum-record $1 \\([^ ]*\\)\$/\\1/p" | head -n1
+  bs=$(logical_block)
+  dd if=$DISK bs="$bs" skip=$((RECORD_MIB * MIB / bs)) count=1 iflag=direct status=none |
+    tr -d '\000' | sed -n "s/^twinsum-record $1 \\([^ ]*\\)\$/\\1/p"
 }
