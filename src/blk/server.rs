@@ -6,11 +6,12 @@
 //! (a restarted VM reattaches). SIGTERM/SIGINT end the process after the
 //! same orderly stop; SIGUSR1 switches to synchronous metadata (DESIGN §4).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -48,8 +49,8 @@ pub struct ServeConfig {
 /// Why `serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{} is in use by another twinsum (lock {} is held)", socket.display(), lock.display())]
-    SocketLocked { socket: PathBuf, lock: PathBuf },
+    #[error("{} is in use by another twinsum", socket.display())]
+    SocketLocked { socket: PathBuf },
     #[error("{} is in use by a live process", .0.display())]
     SocketLive(PathBuf),
     #[error("{} exists and is not a socket; not replacing it", .0.display())]
@@ -267,40 +268,37 @@ fn wait_for_frontend(listener: &Listener, control: &Control) -> Result<bool, Ser
     }
 }
 
-/// `<socket>.lock`, held for the life of the process: a second twinsum on
-/// the same socket stops here instead of probing (and disturbing) ours.
-/// The file is left behind on exit: unlinking a lock file that another
-/// process may have just opened would let two processes both "hold" it.
-fn lock_socket(socket: &Path) -> Result<File, ServeError> {
-    let mut name = socket.as_os_str().to_owned();
-    name.push(".lock");
-    let lock = PathBuf::from(name);
+/// A lock on the socket path, held for the life of the process: a second
+/// twinsum on the same socket stops here instead of probing (and so
+/// disturbing) ours. The lock is an abstract Unix socket named after the
+/// canonical path: the kernel drops it when the process dies, however it
+/// dies, and it leaves no file behind.
+fn lock_socket(socket: &Path) -> Result<UnixListener, ServeError> {
     let err = |source| ServeError::Socket {
-        path: lock.clone(),
+        path: socket.to_owned(),
         source,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&lock)
-        .map_err(err)?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(ServeError::SocketLocked {
-                socket: socket.to_owned(),
-                lock,
-            });
-        }
-        return Err(err(e));
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = fs::canonicalize(dir).map_err(err)?;
+    let name = socket.file_name().unwrap_or_default();
+    let key = [
+        dir.as_os_str().as_encoded_bytes(),
+        b"/",
+        name.as_encoded_bytes(),
+    ]
+    .concat();
+    let lock = format!("twinsum-lock-{:016x}", xxhash_rust::xxh3::xxh3_64(&key));
+    let addr = SocketAddr::from_abstract_name(lock.as_bytes()).map_err(err)?;
+    match UnixListener::bind_addr(&addr) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(ServeError::SocketLocked {
+            socket: socket.to_owned(),
+        }),
+        Err(e) => Err(err(e)),
     }
-    Ok(file)
 }
 
 /// Create the listening socket with mode 0600, replacing a stale one.
