@@ -18,6 +18,8 @@
 //! - `TWINSUM_BENCH_QUEUES` (2): virtqueues (client threads, server queues).
 //! - `TWINSUM_BENCH_SIZE_MIB` (1024): image size.
 //! - `TWINSUM_BENCH_ONLY` (`twinsum` or `qsd`): measure one server.
+//! - `TWINSUM_BENCH_WORKLOADS` (all): comma-separated parts of workload
+//!   names to run, e.g. `randwrite` when profiling one of them.
 //! - `TWINSUM_BENCH_STRICT=1`: exit 1 when a goal is missed.
 //! - `TWINSUM_BENCH_KEEP=1`: keep the run directory (images, logs).
 //! - `TWINSUM_BIN`, `QSD_BIN`: the server binaries.
@@ -78,6 +80,8 @@ struct Config {
     queues: usize,
     size: u64,
     only: Option<String>,
+    /// Substrings of workload names to run (all when empty).
+    workloads: Vec<String>,
     strict: bool,
     keep: bool,
     twinsum: PathBuf,
@@ -116,6 +120,13 @@ impl Config {
             only: env::var("TWINSUM_BENCH_ONLY")
                 .ok()
                 .filter(|s| !s.is_empty()),
+            workloads: env::var("TWINSUM_BENCH_WORKLOADS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
             strict: env::var("TWINSUM_BENCH_STRICT").is_ok_and(|v| v == "1"),
             keep: env::var("TWINSUM_BENCH_KEEP").is_ok_and(|v| v == "1"),
             twinsum: env::var_os("TWINSUM_BIN")
@@ -126,6 +137,10 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon")),
             target,
         })
+    }
+
+    fn runs(&self, w: &Workload) -> bool {
+        self.workloads.is_empty() || self.workloads.iter().any(|s| w.name.contains(s.as_str()))
     }
 
     fn wants(&self, side: &str) -> bool {
@@ -300,7 +315,9 @@ fn run() -> Result<bool> {
             .arg(cfg.queues.to_string())
             .env(
                 "RUST_LOG",
-                env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                // info: start-up and the final counters (syncs, mismatches),
+                // nothing per request.
+                env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
         start(&cfg, &mut tw, cmd, &dir.path);
     }
@@ -359,6 +376,9 @@ fn run() -> Result<bool> {
     let mut data_ok = true;
     for round in 0..cfg.rounds {
         for (k, &w) in RUN_ORDER.iter().enumerate() {
+            if !cfg.runs(&WORKLOADS[w]) {
+                continue;
+            }
             // Alternate which server goes first, so a slow drift in machine
             // load (a neighbour starting a build) is not charged to one side.
             let sides: [&mut Side; 2] = if (round + k) % 2 == 0 {
@@ -419,6 +439,13 @@ fn run() -> Result<bool> {
                     side.name,
                     st.map_or("killed after 30 s".into(), |s| s.to_string())
                 ),
+            }
+            // twinsum's exit summary counts syncs: the first thing to look
+            // at when writes are slow.
+            let log = fs::read_to_string(&s.log).unwrap_or_default();
+            if let Some(line) = log.lines().rev().find(|l| l.contains("stopped:")) {
+                let at = line.find("stopped:").unwrap_or(0);
+                println!("{} {}", side.name, &line[at..]);
             }
         }
     }
