@@ -639,6 +639,35 @@ impl Drop for Session {
     }
 }
 
+impl Session {
+    /// Stop the backend with SIGTERM; for twinsum, also require that it
+    /// exits 0, that `info` calls the metadata clean, and that `check` finds
+    /// every block of IMG matching its metadata (what the guest left behind
+    /// is consistent, not just readable).
+    pub fn stop_and_verify_metadata(&mut self) {
+        let terminated = self.backend.terminate();
+        let status = self.check(terminated);
+        if !self.backend.is_twinsum() {
+            return;
+        }
+        if !status.success() {
+            self.fail(format!("twinsum exited with {status} after SIGTERM"));
+        }
+        let info = self.check(twinsum_info(&self.backend.meta));
+        if info.get("clean") != Some(&serde_json::Value::Bool(true)) {
+            self.fail(format!("metadata not clean after SIGTERM: {info}"));
+        }
+        let (img, meta) = (&self.backend.img, &self.backend.meta);
+        let checked = path_str(img).and_then(|img| {
+            run_twinsum(&["check", "--data", img, "--meta", path_str(meta)?, "--json"])
+        });
+        let report = self.check(checked);
+        if !report.contains("\"mismatches\":[]") {
+            self.fail(format!("twinsum check after the guest run: {report}"));
+        }
+    }
+}
+
 /// The block size twinsum formatted the disk with (`info --json`).
 pub fn twinsum_block_size(meta: &Path) -> Result<u64, String> {
     let info = twinsum_info(meta)?;
