@@ -22,6 +22,7 @@
 //!   names to run, e.g. `randwrite` when profiling one of them.
 //! - `TWINSUM_BENCH_STRICT=1`: exit 1 when a goal is missed.
 //! - `TWINSUM_BENCH_KEEP=1`: keep the run directory (images, logs).
+//! - `TWINSUM_BENCH_QSD_AIO` (`threads`): qsd's file `aio=` mode.
 //! - `TWINSUM_BIN`, `QSD_BIN`: the server binaries.
 //!
 //! Exit status: 0 when both servers ran and every check passed, 1 when a
@@ -86,6 +87,7 @@ struct Config {
     keep: bool,
     twinsum: PathBuf,
     qsd: PathBuf,
+    qsd_aio: String,
     target: PathBuf,
 }
 
@@ -135,6 +137,7 @@ impl Config {
             qsd: env::var_os("QSD_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon")),
+            qsd_aio: env::var("TWINSUM_BENCH_QSD_AIO").unwrap_or_else(|_| "threads".into()),
             target,
         })
     }
@@ -324,12 +327,14 @@ fn run() -> Result<bool> {
     if qsd.unavailable.is_none() {
         // cache.direct=off: buffered I/O through the host page cache, as
         // twinsum does with positioned read/write; aio=threads is the
-        // default and the closest match to twinsum's blocking syscalls.
+        // default and the closest match to twinsum's blocking syscalls
+        // (TWINSUM_BENCH_QSD_AIO=io_uring to see how much qsd gains).
         let mut cmd = Command::new(&cfg.qsd);
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=f,filename={},cache.direct=off,aio=threads",
-                qsd.img.display()
+                "driver=file,node-name=f,filename={},cache.direct=off,aio={}",
+                qsd.img.display(),
+                cfg.qsd_aio
             ))
             .arg("--export")
             .arg(format!(
@@ -350,8 +355,9 @@ fn run() -> Result<bool> {
     );
     println!("QD = requests in flight summed over all queues, split evenly between them");
     println!(
-        "cache: both servers buffered through the host page cache (qsd cache.direct=off aio=threads, \
-         twinsum pread/pwrite), both images copied, synced and read once before the start"
+        "cache: both servers buffered through the host page cache (qsd cache.direct=off aio={}, \
+         twinsum pread/pwrite), both images copied, synced and read once before the start",
+        cfg.qsd_aio
     );
     println!(
         "machine: {} CPUs, load average {} at start{}",
