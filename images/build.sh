@@ -171,6 +171,8 @@ else
   (cd "$root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) >"$out/initramfs.cpio.tmp"
   mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
   echo "$stamp" >"$out/initramfs.stamp"
+  # The tree is only the cpio's source; the stamp decides on rebuilds.
+  rm -rf "$root"
 fi
 
 # The kernel image under a fixed name, for qemu.sh and tests/guest.rs.
