@@ -372,3 +372,312 @@ impl Disk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_bindings::bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::blk::config;
+    use crate::integrity::EngineOptions;
+    use crate::io::volatile::MemDevice;
+    use crate::io::Device;
+    use crate::meta::{meta_len, DeviceRef, Metadata, Superblock};
+
+    const BS: u32 = 4096;
+    const BLOCKS: u64 = 64;
+
+    struct Fixture {
+        data: Arc<MemDevice>,
+        disk: Disk,
+        mem: GuestMemoryMmap,
+    }
+
+    fn fixture(readonly: bool) -> Fixture {
+        let data = Arc::new(MemDevice::new(u64::from(BS) * BLOCKS));
+        let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
+        let mut sb = Superblock::new(BS, u64::from(BS) * BLOCKS, 0xfeed).unwrap();
+        sb.clean = true;
+        Metadata::create(meta.clone(), sb, 16).unwrap();
+        let opts = EngineOptions {
+            readonly,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::open(data.clone(), meta, opts).unwrap();
+        let disk = Disk::new(
+            Arc::new(engine),
+            config::limits(BS, BLOCKS),
+            readonly,
+            "serial-123",
+        );
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        Fixture { data, disk, mem }
+    }
+
+    /// Guest addresses of request `k`'s header, data and status.
+    fn hdr(k: u64) -> u64 {
+        0x10_0000 + k * 0x100
+    }
+    fn buf(k: u64) -> u64 {
+        0x20_0000 + k * 0x1_0000
+    }
+    fn status(k: u64) -> u64 {
+        0x30_0000 + k
+    }
+
+    /// One request: header type/sector, data length, and whether the data
+    /// is device-writable.
+    struct Req {
+        ty: u32,
+        sector: u64,
+        len: u32,
+        data_writable: bool,
+        with_status: bool,
+    }
+
+    fn req(ty: u32, sector: u64, len: u32) -> Req {
+        Req {
+            ty,
+            sector,
+            len,
+            data_writable: ty == VIRTIO_BLK_T_IN || ty == VIRTIO_BLK_T_GET_ID,
+            with_status: true,
+        }
+    }
+
+    /// Put `reqs` on a mock queue, drain it and run it as one batch.
+    fn run(f: &Fixture, reqs: &[Req], write_through: bool) -> Vec<Used> {
+        let vq = MockSplitQueue::new(&f.mem, 256);
+        let mut descs = Vec::new();
+        for (k, r) in reqs.iter().enumerate() {
+            let k = k as u64;
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&r.ty.to_le_bytes());
+            h[8..].copy_from_slice(&r.sector.to_le_bytes());
+            f.mem.write_slice(&h, GuestAddress(hdr(k))).unwrap();
+            f.mem.write_slice(&[0xff], GuestAddress(status(k))).unwrap();
+            let mut chain = vec![(hdr(k), 16, 0)];
+            if r.len > 0 {
+                let flags = if r.data_writable {
+                    VRING_DESC_F_WRITE
+                } else {
+                    0
+                };
+                chain.push((buf(k), r.len, flags));
+            }
+            if r.with_status {
+                chain.push((status(k), 1, VRING_DESC_F_WRITE));
+            }
+            let base = descs.len() as u16;
+            let n = chain.len();
+            for (i, (addr, len, flags)) in chain.into_iter().enumerate() {
+                let (flags, next) = if i + 1 < n {
+                    (flags | VRING_DESC_F_NEXT, base + i as u16 + 1)
+                } else {
+                    (flags, 0)
+                };
+                descs.push(RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    flags as u16,
+                    next,
+                )));
+            }
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let limits = *f.disk.limits();
+        let parsed = q
+            .iter(&f.mem)
+            .unwrap()
+            .map(|c| Request::parse(c, &limits))
+            .collect();
+        f.disk.run(&f.mem, parsed, write_through)
+    }
+
+    fn status_of_req(f: &Fixture, k: u64) -> u8 {
+        let mut s = [0u8];
+        f.mem.read_slice(&mut s, GuestAddress(status(k))).unwrap();
+        s[0]
+    }
+
+    fn fill(f: &Fixture, k: u64, byte: u8, len: usize) {
+        f.mem
+            .write_slice(&vec![byte; len], GuestAddress(buf(k)))
+            .unwrap();
+    }
+
+    fn guest(f: &Fixture, k: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        f.mem.read_slice(&mut v, GuestAddress(buf(k))).unwrap();
+        v
+    }
+
+    #[test]
+    fn a_batch_of_writes_reads_back_with_used_lengths() {
+        let f = fixture(false);
+        for k in 0..3 {
+            fill(&f, k, 0x10 + k as u8, 8192);
+        }
+        let used = run(
+            &f,
+            &[
+                req(VIRTIO_BLK_T_OUT, 0, 8192),
+                req(VIRTIO_BLK_T_OUT, 16, 4096),
+                req(VIRTIO_BLK_T_OUT, 64, 8192),
+                req(VIRTIO_BLK_T_FLUSH, 0, 0),
+            ],
+            false,
+        );
+        assert_eq!(used.iter().map(|u| u.len).collect::<Vec<_>>(), [1, 1, 1, 1]);
+        assert!((0..4).all(|k| status_of_req(&f, k) == 0));
+        let mut on_disk = vec![0u8; 4096];
+        f.data.read_at(&mut on_disk, 2 * 4096).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0x11));
+
+        for k in 0..3 {
+            fill(&f, k, 0xee, 8192);
+        }
+        let used = run(
+            &f,
+            &[
+                req(VIRTIO_BLK_T_IN, 0, 8192),
+                req(VIRTIO_BLK_T_IN, 16, 4096),
+                req(VIRTIO_BLK_T_IN, 64, 8192),
+            ],
+            false,
+        );
+        assert_eq!(
+            used.iter().map(|u| u.len).collect::<Vec<_>>(),
+            [8193, 4097, 8193]
+        );
+        assert_eq!(guest(&f, 0, 8192), vec![0x10; 8192]);
+        assert_eq!(guest(&f, 1, 4096), vec![0x11; 4096]);
+        assert_eq!(guest(&f, 2, 8192), vec![0x12; 8192]);
+    }
+
+    #[test]
+    fn a_failed_verification_is_ioerr_and_leaves_the_guest_buffer_alone() {
+        let f = fixture(false);
+        fill(&f, 0, 0x42, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
+        f.data.write_at(&[0x43], 4096 + 100).unwrap();
+        fill(&f, 0, 0xee, 8192);
+        fill(&f, 1, 0xee, 4096);
+        let used = run(
+            &f,
+            &[
+                req(VIRTIO_BLK_T_IN, 8, 8192),
+                req(VIRTIO_BLK_T_IN, 16, 4096),
+            ],
+            false,
+        );
+        assert_eq!(status_of_req(&f, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(used[0].len, 1);
+        assert_eq!(
+            guest(&f, 0, 8192),
+            vec![0xee; 8192],
+            "unverified data reached the guest"
+        );
+        assert_eq!(status_of_req(&f, 1), 0, "the other request of the batch");
+        assert_eq!(f.disk.engine().stats().mismatches, 1);
+    }
+
+    #[test]
+    fn readonly_fails_writes_and_zeroes_but_serves_reads() {
+        let f = fixture(true);
+        fill(&f, 0, 0x42, 4096);
+        fill(&f, 1, 0, 16);
+        let used = run(
+            &f,
+            &[
+                req(VIRTIO_BLK_T_OUT, 0, 4096),
+                req(VIRTIO_BLK_T_WRITE_ZEROES, 0, 16),
+                req(VIRTIO_BLK_T_IN, 0, 4096),
+            ],
+            false,
+        );
+        assert_eq!(status_of_req(&f, 0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(status_of_req(&f, 1), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(status_of_req(&f, 2), 0);
+        assert_eq!(used[2].len, 4097);
+        assert!(f.data.to_vec().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn get_id_returns_the_padded_serial() {
+        let f = fixture(false);
+        fill(&f, 0, 0xee, 64);
+        let used = run(&f, &[req(VIRTIO_BLK_T_GET_ID, 0, 64)], false);
+        assert_eq!(used[0].len, 21);
+        let id = guest(&f, 0, 21);
+        assert_eq!(&id[..10], b"serial-123");
+        assert_eq!(&id[10..20], &[0; 10]);
+        assert_eq!(id[20], 0xee, "nothing past 20 bytes");
+    }
+
+    #[test]
+    fn bad_requests_get_their_status_and_a_chain_without_one_is_dropped() {
+        let f = fixture(false);
+        let mut no_status = req(VIRTIO_BLK_T_OUT, 0, 4096);
+        no_status.with_status = false;
+        let used = run(
+            &f,
+            &[
+                req(2, 0, 0),                           // SCSI: unsupported
+                req(VIRTIO_BLK_T_IN, BLOCKS * 8, 4096), // past the end
+                req(VIRTIO_BLK_T_OUT, 0, 1000),         // not whole blocks
+                no_status,
+            ],
+            false,
+        );
+        assert_eq!(status_of_req(&f, 0), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(status_of_req(&f, 1), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(status_of_req(&f, 2), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(used.len(), 4, "every chain is returned");
+        assert_eq!(used[3].len, 0);
+        assert!(
+            f.data.to_vec().iter().all(|&b| b == 0),
+            "nothing was written"
+        );
+    }
+
+    #[test]
+    fn write_zeroes_reads_back_zeros() {
+        let f = fixture(false);
+        fill(&f, 0, 0x42, 16384);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 0, 16384)], false);
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&8u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&16u32.to_le_bytes());
+        f.mem.write_slice(&seg, GuestAddress(buf(0))).unwrap();
+        run(&f, &[req(VIRTIO_BLK_T_WRITE_ZEROES, 0, 16)], false);
+        assert_eq!(status_of_req(&f, 0), 0);
+        run(&f, &[req(VIRTIO_BLK_T_IN, 0, 16384)], false);
+        let g = guest(&f, 0, 16384);
+        assert_eq!(&g[..4096], &[0x42; 4096][..]);
+        assert!(g[4096..12288].iter().all(|&b| b == 0));
+        assert_eq!(&g[12288..], &[0x42; 4096][..]);
+    }
+
+    #[test]
+    fn write_through_makes_each_batch_durable() {
+        let f = fixture(false);
+        fill(&f, 0, 0x42, 4096);
+        let before = f.disk.engine().stats().data_syncs;
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 0, 4096)], true);
+        assert_eq!(status_of_req(&f, 0), 0);
+        assert!(f.disk.engine().stats().data_syncs > before);
+    }
+}

@@ -1,0 +1,340 @@
+//! `twinsum serve` over its real socket, driven by libblkio's
+//! virtio-blk-vhost-user driver as the front-end.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::thread;
+
+use common::{pattern, s, Client, Daemon, Disk};
+
+const MIB: u64 = 1 << 20;
+const EIO: i32 = -libc::EIO;
+
+/// Request sizes each queue cycles through, in blocks.
+const SIZES: [u64; 5] = [1, 2, 8, 3, 32];
+
+/// Each queue writes and reads back its own region concurrently with the
+/// others; returns the (offset, seed) of every write so the caller can
+/// read them again later.
+fn write_patterns_concurrently(
+    client: &mut Client,
+    bs: u64,
+    region: u64,
+    seed: u64,
+) -> Vec<(u64, usize)> {
+    let queues = client.queues();
+    let n = queues.len() as u64;
+    assert!(n >= 2, "the test needs at least two queues");
+    thread::scope(|scope| {
+        let handles: Vec<_> = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut q)| {
+                scope.spawn(move || {
+                    let mut written = Vec::new();
+                    let mut off = i as u64 * region;
+                    let end = off + region;
+                    for k in 0.. {
+                        let len = SIZES[k % SIZES.len()] * bs;
+                        if off + len > end {
+                            break;
+                        }
+                        let data = pattern(off, len as usize, seed);
+                        q.write(off, &data).expect("write");
+                        assert_eq!(q.read(off, len as usize).expect("read back"), data);
+                        written.push((off, len as usize));
+                        off += len;
+                    }
+                    q.flush().expect("flush");
+                    written
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("queue thread"))
+            .collect()
+    })
+}
+
+fn verify(client: &mut Client, written: &[(u64, usize)], seed: u64) {
+    let mut q = client.q0();
+    for &(off, len) in written {
+        assert_eq!(
+            q.read(off, len).expect("read"),
+            pattern(off, len, seed),
+            "at {off}"
+        );
+    }
+}
+
+fn patterns_survive_queues_and_restart(bs: u64) {
+    let disk = Disk::new(16 * MIB, bs);
+    let d = disk.serve(&["--queues", "2"]);
+    let written = {
+        let mut c = Client::connect(&disk.socket, 2);
+        assert_eq!(c.capacity(), 16 * MIB);
+        let w = write_patterns_concurrently(&mut c, bs, 2 * MIB, 7);
+        verify(&mut c, &w, 7);
+        w
+    };
+    // A second front-end after the first disconnected sees the same data.
+    {
+        let mut c = Client::connect(&disk.socket, 2);
+        verify(&mut c, &written, 7);
+    }
+    assert!(d.terminate().success());
+    assert_eq!(disk.info()["clean"], true, "SIGTERM leaves clean metadata");
+    assert!(!disk.socket.exists(), "SIGTERM removes the socket");
+
+    let _d = disk.serve(&["--queues", "2"]);
+    let mut c = Client::connect(&disk.socket, 2);
+    verify(&mut c, &written, 7);
+}
+
+#[test]
+fn patterns_survive_queues_and_restart_512() {
+    patterns_survive_queues_and_restart(512);
+}
+
+#[test]
+fn patterns_survive_queues_and_restart_4096() {
+    patterns_survive_queues_and_restart(4096);
+}
+
+fn write_zeroes_and_discard_read_back_zeros(bs: u64) {
+    let disk = Disk::new(8 * MIB, bs);
+    let _d = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1);
+    let mut q = c.q0();
+    let len = 64 * bs;
+    let data = pattern(0, len as usize, 3);
+    q.write(0, &data).expect("write");
+    q.write(MIB, &data).expect("write");
+
+    q.write_zeroes(bs, 4 * bs).expect("write zeroes");
+    let back = q.read(0, len as usize).expect("read after write-zeroes");
+    assert_eq!(&back[..bs as usize], &data[..bs as usize]);
+    assert!(back[bs as usize..5 * bs as usize].iter().all(|&b| b == 0));
+    assert_eq!(&back[5 * bs as usize..], &data[5 * bs as usize..]);
+
+    q.discard(MIB, 8 * bs).expect("discard");
+    let back = q.read(MIB, len as usize).expect("read after discard");
+    assert!(back[..8 * bs as usize].iter().all(|&b| b == 0));
+    assert_eq!(&back[8 * bs as usize..], &data[8 * bs as usize..]);
+    q.flush().expect("flush");
+}
+
+#[test]
+fn write_zeroes_and_discard_read_back_zeros_512() {
+    write_zeroes_and_discard_read_back_zeros(512);
+}
+
+#[test]
+fn write_zeroes_and_discard_read_back_zeros_4096() {
+    write_zeroes_and_discard_read_back_zeros(4096);
+}
+
+fn flipped_byte_fails_exactly_that_block(bs: u64) {
+    let disk = Disk::new(4 * MIB, bs);
+    let d = disk.serve(&[]);
+    let data = pattern(0, 16 * bs as usize, 11);
+    {
+        let mut c = Client::connect(&disk.socket, 1);
+        let mut q = c.q0();
+        q.write(0, &data).expect("write");
+        q.flush().expect("flush");
+    }
+    assert!(d.terminate().success());
+
+    // Stopped daemon: the flip is certainly what the next one reads.
+    disk.flip_byte(5 * bs + 17);
+    let d = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1);
+    let mut q = c.q0();
+    assert_eq!(q.read(5 * bs, bs as usize), Err(EIO), "the flipped block");
+    assert_eq!(q.read(0, 16 * bs as usize), Err(EIO), "a read covering it");
+    for b in [4, 6] {
+        let got = q.read(b * bs, bs as usize).expect("a neighbour");
+        assert_eq!(got, &data[(b * bs) as usize..((b + 1) * bs) as usize]);
+    }
+    d.wait_for_log("block 5");
+
+    // While serving: the engine reads with pread, so our pwrite is seen.
+    disk.flip_byte(9 * bs);
+    assert_eq!(
+        q.read(9 * bs, bs as usize),
+        Err(EIO),
+        "flipped while serving"
+    );
+    assert!(q.read(8 * bs, bs as usize).is_ok());
+    assert!(q.read(10 * bs, bs as usize).is_ok());
+}
+
+#[test]
+fn flipped_byte_fails_exactly_that_block_512() {
+    flipped_byte_fails_exactly_that_block(512);
+}
+
+#[test]
+fn flipped_byte_fails_exactly_that_block_4096() {
+    flipped_byte_fails_exactly_that_block(4096);
+}
+
+#[test]
+fn on_mismatch_log_returns_the_data() {
+    let disk = Disk::new(MIB, 4096);
+    let d = disk.serve(&[]);
+    let data = pattern(0, 4096, 5);
+    {
+        let mut c = Client::connect(&disk.socket, 1);
+        c.q0().write(0, &data).expect("write");
+    }
+    assert!(d.terminate().success());
+    disk.flip_byte(100);
+    let _d = disk.serve(&["--on-mismatch", "log"]);
+    let mut c = Client::connect(&disk.socket, 1);
+    let got = c.q0().read(0, 4096).expect("read with --on-mismatch log");
+    assert_eq!(got[100], data[100] ^ 0x5a);
+}
+
+#[test]
+fn readonly_offers_ro_and_serves_reads() {
+    let disk = Disk::new(MIB, 4096);
+    let data = pattern(0, 8192, 1);
+    {
+        let d = disk.serve(&[]);
+        let mut c = Client::connect(&disk.socket, 1);
+        c.q0().write(0, &data).expect("write");
+        drop(c);
+        assert!(d.terminate().success());
+    }
+    let _d = disk.serve(&["--readonly"]);
+    // libblkio refuses to start a read-write client on a disk that offers
+    // VIRTIO_BLK_F_RO.
+    match Client::try_connect(&disk.socket, 1, false) {
+        Ok(_) => panic!("a read-write client started on a read-only disk"),
+        Err(e) => assert_eq!(e.errno(), blkio::Errno::ROFS, "{e}"),
+    }
+    let mut c = Client::try_connect(&disk.socket, 1, true).expect("read-only client");
+    let mut q = c.q0();
+    assert_eq!(q.read(0, 8192).expect("read"), data);
+    assert!(q.write(0, &data).is_err(), "write on a read-only disk");
+    assert_eq!(
+        disk.info()["clean"],
+        true,
+        "read-only serving keeps metadata clean"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_image_is_refused() {
+    let disk = Disk::new(MIB, 4096);
+    let _d = disk.serve(&[]);
+    // Same image, another socket.
+    let other = disk.path("other.sock");
+    let mut second = Daemon::spawn(&disk, &other, &[]);
+    let st = second.wait_exit();
+    assert_eq!(st.code(), Some(2), "{}", second.log());
+    assert!(second.log().contains("in use"), "{}", second.log());
+    assert!(!other.exists());
+
+    // Same socket, another image.
+    let disk2 = Disk::new(MIB, 512);
+    let mut third = Daemon::spawn(&disk2, &disk.socket, &[]);
+    let st = third.wait_exit();
+    assert_eq!(st.code(), Some(2), "{}", third.log());
+    assert!(third.log().contains("in use"), "{}", third.log());
+    // The first daemon still serves.
+    let mut c = Client::connect(&disk.socket, 1);
+    c.q0().read(0, 4096).expect("read from the first daemon");
+}
+
+#[test]
+fn stale_socket_is_replaced_and_the_socket_is_private() {
+    let disk = Disk::new(MIB, 4096);
+    drop(UnixListener::bind(&disk.socket).expect("bind"));
+    assert!(disk.socket.exists(), "a stale socket file is left behind");
+    let _d = disk.serve(&[]);
+    let mode = std::fs::metadata(&disk.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut c = Client::connect(&disk.socket, 1);
+    c.q0().read(0, 4096).expect("read");
+}
+
+#[test]
+fn a_regular_file_in_place_of_the_socket_is_not_replaced() {
+    let disk = Disk::new(MIB, 4096);
+    std::fs::write(&disk.socket, b"precious").expect("write");
+    let mut d = Daemon::spawn(&disk, &disk.socket, &[]);
+    assert_eq!(d.wait_exit().code(), Some(2), "{}", d.log());
+    assert_eq!(std::fs::read(&disk.socket).expect("read"), b"precious");
+}
+
+#[test]
+fn sigusr1_and_disconnect_switch_to_synchronous_metadata() {
+    const SYNC: &str = "front-end disconnected: metadata is now written synchronously";
+    const CLEAN: &str = "front-end disconnected: metadata written back and marked clean";
+    const LEAVE: &str = "the driver started the device: leaving synchronous metadata mode";
+    let disk = Disk::new(MIB, 4096);
+    let d = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1);
+    c.q0().write(0, &pattern(0, 4096, 2)).expect("write");
+    assert_eq!(
+        disk.info()["clean"],
+        false,
+        "a write marks the metadata dirty"
+    );
+    d.signal(libc::SIGUSR1);
+    d.wait_for_log("SIGUSR1: metadata is now written synchronously");
+    assert_eq!(disk.info()["sync_mode"], true);
+    c.q0().write(4096, &pattern(4096, 4096, 2)).expect("write");
+
+    // The readiness probe was a front-end too: count from here.
+    let (syncs, cleans, leaves) = (d.log_count(SYNC), d.log_count(CLEAN), d.log_count(LEAVE));
+    drop(c);
+    d.wait_for_log_count(SYNC, syncs + 1);
+    d.wait_for_log_count(CLEAN, cleans + 1);
+    assert_eq!(
+        disk.info()["clean"],
+        true,
+        "disconnect leaves clean metadata"
+    );
+
+    // A new front-end starting its queues leaves synchronous mode.
+    let mut c = Client::connect(&disk.socket, 1);
+    c.q0().read(0, 4096).expect("read");
+    d.wait_for_log_count(LEAVE, leaves + 1);
+    drop(c);
+    assert!(d.terminate().success());
+    assert_eq!(disk.info()["clean"], true);
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let disk = Disk::new(MIB, 4096);
+    for bad in [
+        &["--queues", "0"][..],
+        &["--queue-size", "100"],
+        &["--serial", "an-overly-long-serial-number"],
+        &["--writeback-interval", "0"],
+    ] {
+        let mut d = Daemon::spawn(&disk, &disk.socket, bad);
+        let st = d.wait_exit();
+        assert!(!st.success(), "{bad:?} accepted");
+        assert!(!disk.socket.exists(), "{bad:?}");
+    }
+    let o = common::twinsum(&[
+        "serve",
+        "--socket",
+        s(&disk.socket),
+        "--data",
+        s(&disk.data),
+    ]);
+    assert!(!o.status.success());
+}
