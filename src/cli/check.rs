@@ -1,10 +1,12 @@
 //! `twinsum check`: verify every block of IMG against both checksum slots.
 //!
 //! Read-only and under shared locks, so it can run next to another check
-//! but never next to `serve` or `format`. Data regions are read
-//! sequentially in large chunks on a helper thread, so reading overlaps
-//! hashing; holes are not read at all, only their pairs are checked
-//! against the all-zero block.
+//! but never next to `serve` or `format`. The main thread walks the pair
+//! table and the data regions in order and hands chunks of data to one
+//! worker per CPU, each of which reads its chunk and verifies it while it
+//! is still in cache: hashing is slower than the kernel's copy, so one
+//! thread could not keep up with a plain sequential read. Holes are not
+//! read at all; only their pairs are checked against the all-zero block.
 //!
 //! Also home of the helpers `format` shares: the locked open and the
 //! chunked data scan.
@@ -14,7 +16,7 @@ use std::io::{self, IsTerminal, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use anyhow::Context;
@@ -40,12 +42,20 @@ pub struct CheckArgs {
 
 /// Pairs fetched from the table at a time (1 MiB of table).
 const PAIR_WINDOW: usize = 65536;
-/// Bytes per data read. Large enough that syscalls are cheap, small enough
-/// that the buffers in flight stay in the CPU cache between read and hash.
+/// Bytes per data read of `scan_data`. Large enough that syscalls are
+/// cheap, small enough that the buffers in flight stay in the CPU cache
+/// between read and hash.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks read ahead of the hashing thread.
 const READ_AHEAD: usize = 2;
-/// Mismatched block numbers kept for the JSON list; the count is exact.
+/// Bytes one check worker reads and verifies at a time: they are hashed
+/// right after the read, while still in the worker's L2 cache.
+const JOB_BYTES: usize = 512 << 10;
+/// Upper bound on check workers, whatever the CPU count.
+const MAX_WORKERS: usize = 8;
+/// Jobs queued or running per worker: enough to keep each busy.
+const JOBS_PER_WORKER: usize = 4;
+/// Mismatched block numbers kept for the list; the count is exact.
 const MAX_LISTED: usize = 1 << 20;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -64,11 +74,13 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             args.data.display()
         )
     })?;
-    let progress = progress_bar(data.size(), "checking");
-    let mut out = Output::new(args.json, progress.clone());
-    let report = verify_all(&mut meta, &data, &mut out)
+    let out = Output {
+        json: args.json,
+        progress: progress_bar(data.size(), "checking"),
+    };
+    let report = verify_all(&mut meta, &data, &out)
         .with_context(|| format!("checking {}", args.data.display()))?;
-    progress.finish_and_clear();
+    out.progress.finish_and_clear();
     out.finish(&report)?;
     Ok(if report.mismatch_count == 0 {
         ExitCode::SUCCESS
@@ -93,17 +105,16 @@ struct Report {
     generation: u64,
 }
 
-/// Verify every block: data chunks as they arrive, holes in between.
-fn verify_all(meta: &mut Metadata, data: &FileDevice, out: &mut Output) -> anyhow::Result<Report> {
+/// Verify every block: data regions on the workers, holes inline, both in
+/// ascending block order as far as the table is concerned.
+fn verify_all(meta: &mut Metadata, data: &FileDevice, out: &Output) -> anyhow::Result<Report> {
     let sb = meta.superblock().clone();
     let bs = u64::from(sb.block_size);
-    let progress = out.progress.clone();
-    let mut v = Verifier {
+    let mut tally = Tally {
         salt: sb.salt,
-        meta,
-        pairs: PairWindow::new(sb.blocks),
         zeros: vec![0u8; sb.block_size as usize],
-        out,
+        progress: out.progress.clone(),
+        bs,
         report: Report {
             blocks: sb.blocks,
             block_size: sb.block_size,
@@ -112,76 +123,200 @@ fn verify_all(meta: &mut Metadata, data: &FileDevice, out: &mut Output) -> anyho
             ..Report::default()
         },
     };
-    let mut next_block = 0;
-    scan_data(data, bs, |offset, chunk| {
-        let first = offset / bs;
-        for b in next_block..first {
-            v.hole(b)?;
+    let mut window = PairWindow::new(sb.blocks);
+    let workers = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS);
+    let job_blocks = JOB_BYTES as u64 / bs;
+    thread::scope(|s| -> anyhow::Result<()> {
+        let mut pool = Pool::start(s, workers, data, sb.salt, bs);
+        let mut next_block = 0;
+        for region in DataRegions::new(data, bs) {
+            let (start, end) = region.context("finding the data regions of the image")?;
+            window.holes(meta, &mut tally, next_block, start / bs)?;
+            let mut b = start / bs;
+            while b < end / bs {
+                let n = job_blocks.min(end / bs - b);
+                let pairs = window.copy(meta, b, n)?;
+                tally.count(&pairs);
+                pool.submit(Job { first: b, pairs }, &mut tally)?;
+                b += n;
+            }
+            next_block = end / bs;
         }
-        for (i, block_data) in chunk.chunks_exact(bs as usize).enumerate() {
-            v.block(first + i as u64, block_data)?;
-        }
-        next_block = first + (chunk.len() as u64) / bs;
-        progress.set_position(next_block * bs);
-        Ok(())
+        window.holes(meta, &mut tally, next_block, sb.blocks)?;
+        pool.finish(&mut tally)
     })?;
-    for b in next_block..sb.blocks {
-        v.hole(b)?;
-    }
-    Ok(v.report)
+    let mut report = tally.report;
+    report.mismatches.sort_unstable();
+    Ok(report)
 }
 
-/// Checks blocks one by one in ascending order and keeps the tally.
-struct Verifier<'a> {
+/// A chunk of consecutive blocks for a worker, with their pairs.
+struct Job {
+    first: u64,
+    pairs: Vec<Pair>,
+}
+
+/// What a worker found in one job.
+struct Done {
+    blocks: u64,
+    bad: Vec<u64>,
+}
+
+/// The check workers and the bounded queue in front of them.
+struct Pool {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<io::Result<Done>>,
+    in_flight: usize,
+    limit: usize,
+}
+
+impl Pool {
+    /// Spawn `workers` threads in scope `s`. They stop when the pool (its
+    /// job sender) is dropped, also on an early error return.
+    fn start<'scope>(
+        s: &'scope thread::Scope<'scope, '_>,
+        workers: usize,
+        dev: &'scope FileDevice,
+        salt: u64,
+        bs: u64,
+    ) -> Self {
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel();
+        for _ in 0..workers {
+            let (jobs, done) = (Arc::clone(&job_rx), done_tx.clone());
+            s.spawn(move || work(dev, salt, bs, &jobs, &done));
+        }
+        Self {
+            jobs: job_tx,
+            done: done_rx,
+            in_flight: 0,
+            limit: workers * JOBS_PER_WORKER,
+        }
+    }
+
+    fn submit(&mut self, job: Job, tally: &mut Tally) -> anyhow::Result<()> {
+        if self.in_flight >= self.limit {
+            self.collect_one(tally)?;
+        }
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the check workers stopped"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn finish(mut self, tally: &mut Tally) -> anyhow::Result<()> {
+        while self.in_flight > 0 {
+            self.collect_one(tally)?;
+        }
+        Ok(())
+    }
+
+    fn collect_one(&mut self, tally: &mut Tally) -> anyhow::Result<()> {
+        let done = self
+            .done
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the check workers stopped"))?
+            .context("reading the image")?;
+        self.in_flight -= 1;
+        tally.absorb(done);
+        Ok(())
+    }
+}
+
+/// A check worker: read each job's blocks into a private buffer and verify
+/// them, until the job queue closes.
+fn work(
+    dev: &FileDevice,
     salt: u64,
-    meta: &'a mut Metadata,
-    pairs: PairWindow,
+    bs: u64,
+    jobs: &Mutex<mpsc::Receiver<Job>>,
+    done: &mpsc::Sender<io::Result<Done>>,
+) {
+    let mut buf = vec![0u8; JOB_BYTES];
+    loop {
+        // The guard is a temporary: the lock is released before the work.
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        if done
+            .send(verify_job(dev, salt, bs, &job, &mut buf))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn verify_job(
+    dev: &FileDevice,
+    salt: u64,
+    bs: u64,
+    job: &Job,
+    buf: &mut Vec<u8>,
+) -> io::Result<Done> {
+    let len = job.pairs.len() * bs as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let data = &mut buf[..len];
+    dev.read_at(data, job.first * bs)?;
+    let bad = data
+        .chunks_exact(bs as usize)
+        .zip(&job.pairs)
+        .zip(job.first..)
+        .filter(|((content, p), b)| {
+            hash::verify(salt, *b, content, p.new, p.old) == Verdict::Neither
+        })
+        .map(|(_, b)| b)
+        .collect();
+    Ok(Done {
+        blocks: job.pairs.len() as u64,
+        bad,
+    })
+}
+
+/// The verdicts so far.
+struct Tally {
+    salt: u64,
     /// One all-zero block: what a hole reads as.
     zeros: Vec<u8>,
-    out: &'a mut Output,
+    progress: ProgressBar,
+    bs: u64,
     report: Report,
 }
 
-impl Verifier<'_> {
-    /// A block whose content was read.
-    fn block(&mut self, block: u64, data: &[u8]) -> anyhow::Result<()> {
-        let pair = self.pair(block)?;
-        self.judge(block, data, pair)
+impl Tally {
+    /// Count blocks as checked and pending when their pairs are fetched.
+    fn count(&mut self, pairs: &[Pair]) {
+        self.report.checked += pairs.len() as u64;
+        self.report.pending += pairs.iter().filter(|p| p.new != p.old).count() as u64;
     }
 
-    /// A block inside a hole: it reads as zeros, which a zero slot accepts
-    /// without looking at the bytes.
-    fn hole(&mut self, block: u64) -> anyhow::Result<()> {
-        let pair = self.pair(block)?;
-        if pair.new == hash::ZERO || pair.old == hash::ZERO {
-            return Ok(());
+    fn absorb(&mut self, done: Done) {
+        for b in done.bad {
+            self.mismatch(b);
         }
-        // A real checksum may still be that of a zero block (the guest
-        // wrote zeros): hash it.
-        let zeros = std::mem::take(&mut self.zeros);
-        let result = self.judge(block, &zeros, pair);
-        self.zeros = zeros;
-        result
+        self.progress.inc(done.blocks * self.bs);
     }
 
-    fn pair(&mut self, block: u64) -> anyhow::Result<Pair> {
-        let pair = self.pairs.get(self.meta, block)?;
-        self.report.checked += 1;
-        if pair.new != pair.old {
-            self.report.pending += 1;
+    /// Judge a block that lies in a hole, so reads as zeros.
+    fn judge_zeros(&mut self, block: u64, pair: Pair) {
+        if hash::verify(self.salt, block, &self.zeros, pair.new, pair.old) == Verdict::Neither {
+            self.mismatch(block);
         }
-        Ok(pair)
     }
 
-    fn judge(&mut self, block: u64, data: &[u8], pair: Pair) -> anyhow::Result<()> {
-        if hash::verify(self.salt, block, data, pair.new, pair.old) != Verdict::Neither {
-            return Ok(());
-        }
+    fn mismatch(&mut self, block: u64) {
         self.report.mismatch_count += 1;
         if self.report.mismatches.len() < MAX_LISTED {
             self.report.mismatches.push(block);
         }
-        self.out.mismatch(block)
     }
 }
 
@@ -201,48 +336,83 @@ impl PairWindow {
         }
     }
 
-    fn get(&mut self, meta: &mut Metadata, block: u64) -> anyhow::Result<Pair> {
-        let i = block.wrapping_sub(self.first) as usize;
-        if let Some(p) = self.pairs.get(i) {
-            return Ok(*p);
+    /// The pairs of blocks `block..end`, or of a non-empty prefix of them
+    /// (up to the end of the window).
+    fn slice(&mut self, meta: &mut Metadata, block: u64, end: u64) -> anyhow::Result<&[Pair]> {
+        let in_window = block >= self.first && block < self.first + self.pairs.len() as u64;
+        if !in_window {
+            let n = (self.blocks.saturating_sub(block)).min(PAIR_WINDOW as u64) as usize;
+            if n == 0 {
+                anyhow::bail!("block {block} is past the end of the table");
+            }
+            self.pairs.resize(n, Pair::ZERO);
+            meta.get_range(block, &mut self.pairs)?;
+            self.first = block;
         }
-        let n = (self.blocks - block).min(PAIR_WINDOW as u64) as usize;
-        self.pairs.resize(n, Pair::ZERO);
-        meta.get_range(block, &mut self.pairs)?;
-        self.first = block;
-        self.pairs
-            .first()
-            .copied()
-            .with_context(|| format!("block {block} is past the end of the table"))
+        let start = (block - self.first) as usize;
+        let stop = ((end - self.first) as usize).min(self.pairs.len());
+        Ok(&self.pairs[start..stop])
+    }
+
+    /// The pairs of blocks `block..block + n`, copied out for a worker.
+    fn copy(&mut self, meta: &mut Metadata, block: u64, n: u64) -> anyhow::Result<Vec<Pair>> {
+        let mut out = Vec::with_capacity(n as usize);
+        let end = block + n;
+        while (out.len() as u64) < n {
+            let b = block + out.len() as u64;
+            out.extend_from_slice(self.slice(meta, b, end)?);
+        }
+        Ok(out)
+    }
+
+    /// Check blocks `first..end`, which lie in a hole and so read as
+    /// zeros. A zero slot accepts that without looking at bytes, so most
+    /// cost one compare.
+    fn holes(
+        &mut self,
+        meta: &mut Metadata,
+        tally: &mut Tally,
+        first: u64,
+        end: u64,
+    ) -> anyhow::Result<()> {
+        let mut b = first;
+        while b < end {
+            let pairs = self.slice(meta, b, end)?;
+            tally.count(pairs);
+            for (i, pair) in pairs.iter().enumerate() {
+                if pair.new != hash::ZERO && pair.old != hash::ZERO {
+                    // A real checksum may still be that of zeros (the
+                    // guest wrote a zero block): hash it.
+                    tally.judge_zeros(b + i as u64, *pair);
+                }
+            }
+            b += pairs.len() as u64;
+            tally.progress.inc(pairs.len() as u64 * tally.bs);
+        }
+        Ok(())
     }
 }
 
-/// Text or JSON output; text names bad blocks as they are found.
+/// Text or JSON output of the final report.
 struct Output {
     json: bool,
     progress: ProgressBar,
 }
 
 impl Output {
-    fn new(json: bool, progress: ProgressBar) -> Self {
-        Self { json, progress }
-    }
-
-    fn mismatch(&mut self, block: u64) -> anyhow::Result<()> {
-        if !self.json {
-            self.progress.suspend(|| {
-                writeln!(io::stdout(), "block {block}: data matches neither checksum")
-            })?;
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self, report: &Report) -> anyhow::Result<()> {
-        let mut stdout = io::stdout().lock();
+    fn finish(&self, report: &Report) -> anyhow::Result<()> {
+        let mut stdout = io::BufWriter::new(io::stdout().lock());
         if self.json {
             serde_json::to_writer(&mut stdout, report)?;
             writeln!(stdout)?;
         } else {
+            for b in &report.mismatches {
+                writeln!(stdout, "block {b}: data matches neither checksum")?;
+            }
+            let unlisted = report.mismatch_count - report.mismatches.len() as u64;
+            if unlisted > 0 {
+                writeln!(stdout, "... and {unlisted} more mismatched blocks")?;
+            }
             writeln!(
                 stdout,
                 "{} of {} blocks checked: {} mismatched, {} pending, metadata {}",
@@ -334,28 +504,22 @@ where
     })
 }
 
-/// The reader thread of [`scan_data`]: walk the data regions and send
-/// filled chunks until the end of the device or the receiver is gone.
+/// The reader thread of [`scan_data`]: send filled chunks of every data
+/// region until the end of the device or the receiver is gone.
 fn read_ahead<D: Device + ?Sized>(
     dev: &D,
     bs: u64,
     tx: &mpsc::SyncSender<io::Result<Chunk>>,
     free: &mpsc::Receiver<Vec<u8>>,
 ) {
-    let size = dev.size();
-    let mut pos = 0;
-    loop {
-        let (start, end) = match dev.next_data(pos) {
-            Ok(Some(region)) => region,
-            Ok(None) => return,
+    for region in DataRegions::new(dev, bs) {
+        let (start, end) = match region {
+            Ok(r) => r,
             Err(e) => {
                 let _ = tx.send(Err(e));
                 return;
             }
         };
-        // Regions come in filesystem blocks; widen them to whole blocks.
-        let start = (start / bs * bs).max(pos);
-        let end = end.div_ceil(bs).saturating_mul(bs).min(size);
         let mut off = start;
         while off < end {
             let len = (end - off).min(CHUNK_BYTES as u64) as usize;
@@ -371,9 +535,59 @@ fn read_ahead<D: Device + ?Sized>(
             }
             off += len as u64;
         }
-        if end <= pos {
-            return;
+    }
+}
+
+/// The regions of a device that may hold data, in order, widened to whole
+/// blocks and never overlapping (holes come in filesystem blocks, which
+/// need not match ours).
+struct DataRegions<'a, D: ?Sized> {
+    dev: &'a D,
+    bs: u64,
+    pos: u64,
+    done: bool,
+}
+
+impl<'a, D: Device + ?Sized> DataRegions<'a, D> {
+    fn new(dev: &'a D, bs: u64) -> Self {
+        Self {
+            dev,
+            bs,
+            pos: 0,
+            done: false,
         }
-        pos = end;
+    }
+}
+
+impl<D: Device + ?Sized> Iterator for DataRegions<'_, D> {
+    type Item = io::Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let (start, end) = match self.dev.next_data(self.pos) {
+            Ok(Some(region)) => region,
+            Ok(None) => {
+                self.done = true;
+                return None;
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        let start = (start / self.bs * self.bs).max(self.pos);
+        let end = end
+            .div_ceil(self.bs)
+            .saturating_mul(self.bs)
+            .min(self.dev.size());
+        if end <= start {
+            // Cannot happen for a sane device; stop rather than spin.
+            self.done = true;
+            return None;
+        }
+        self.pos = end;
+        Some(Ok((start, end)))
     }
 }
