@@ -41,7 +41,7 @@ use rand::{Rng, SeedableRng};
 use twinsum::integrity::{Engine, EngineError, EngineOptions, Op};
 use twinsum::io::volatile::{Fuse, PowerCutReport, VolatileDevice, SECTOR_SIZE};
 use twinsum::io::Device;
-use twinsum::meta::{meta_len, Metadata, Superblock};
+use twinsum::meta::{meta_len, Metadata, Superblock, PAIR_SIZE, TABLE_OFFSET};
 
 const SECTOR: usize = SECTOR_SIZE as usize;
 const DEFAULT_SEEDS: u64 = 10_000;
@@ -891,4 +891,267 @@ fn report(f: &Figures, elapsed: Duration) {
         Figures::get(&f.damaged_detected),
         elapsed.as_secs_f64()
     );
+}
+
+// ---- injected faults -------------------------------------------------------
+
+/// A formatted disk with every block written (some with zeros), flushed
+/// and its metadata written back: every pair on disk is current, so every
+/// fault below must be caught both by the running engine and after a
+/// reopen from the durable state.
+struct Rig {
+    rng: StdRng,
+    bs: usize,
+    blocks: u64,
+    data: Arc<VolatileDevice>,
+    meta: Arc<VolatileDevice>,
+    engine: Engine,
+    /// What each block holds.
+    contents: Vec<Content>,
+    next_id: u64,
+    seed: u64,
+}
+
+impl Rig {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bs: usize = if rng.gen_bool(0.5) { 512 } else { 4096 };
+        let blocks = rng.gen_range(8..=64u64);
+        let salt = rng.gen();
+        let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
+        let sb = Superblock::new(bs as u32, blocks * bs as u64, salt).unwrap();
+        Metadata::create(meta.clone(), sb, 4).unwrap();
+        let data = Arc::new(VolatileDevice::zeroed(blocks * bs as u64));
+        let engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
+        let zeros: Content = vec![0u8; bs].into();
+        let mut rig = Self {
+            rng,
+            bs,
+            blocks,
+            data,
+            meta,
+            engine,
+            contents: vec![zeros; blocks as usize],
+            next_id: 1,
+            seed,
+        };
+        for b in 0..blocks {
+            if !rig.rng.gen_ratio(1, 10) {
+                let c = rig.fresh();
+                rig.write(b, c);
+            }
+        }
+        rig.settle();
+        rig
+    }
+
+    fn fresh(&mut self) -> Content {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut v = vec![0u8; self.bs];
+        for (s, sector) in v.chunks_mut(SECTOR).enumerate() {
+            fill_sector(sector, self.seed, id, s);
+        }
+        v.into()
+    }
+
+    fn write(&mut self, b: u64, c: Content) {
+        self.engine.write(b, &c).unwrap();
+        self.contents[b as usize] = c;
+    }
+
+    /// Flush and write the metadata back: all pairs on disk current.
+    fn settle(&self) {
+        self.engine.flush().unwrap();
+        self.engine.writeback().unwrap();
+    }
+
+    /// Two distinct blocks with different contents.
+    fn two_blocks(&mut self) -> (u64, u64) {
+        loop {
+            let i = self.rng.gen_range(0..self.blocks);
+            let j = self.rng.gen_range(0..self.blocks);
+            if i != j && self.contents[i as usize] != self.contents[j as usize] {
+                return (i, j);
+            }
+        }
+    }
+
+    /// Crash (losing whatever is un-synced, chosen by the RNG) and reopen
+    /// from the surviving state.
+    fn crash_and_reopen(&mut self) {
+        self.data.power_cut(self.rng.gen()).unwrap();
+        self.meta.power_cut(self.rng.gen()).unwrap();
+        let data = Arc::new(VolatileDevice::from_bytes(
+            self.data.durable_snapshot().unwrap(),
+        ));
+        let meta = Arc::new(VolatileDevice::from_bytes(
+            self.meta.durable_snapshot().unwrap(),
+        ));
+        self.engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
+        self.data = data;
+        self.meta = meta;
+    }
+
+    /// Read every block: exactly the blocks in `bad` must fail with a
+    /// mismatch naming them; every other block must return its content.
+    fn expect(&self, bad: &[u64], what: &str) {
+        let mut buf = vec![0u8; self.bs];
+        for b in 0..self.blocks {
+            let r = self.engine.read(b, &mut buf);
+            if bad.contains(&b) {
+                match r {
+                    Err(EngineError::Mismatch { block }) if block == b => {}
+                    Ok(()) => panic!(
+                        "seed {}: {what}: the read of block {b} returned the damaged data without error",
+                        self.seed
+                    ),
+                    Err(e) => panic!("seed {}: {what}: block {b}: unexpected error {e}", self.seed),
+                }
+            } else {
+                match r {
+                    Ok(()) => assert!(
+                        buf[..] == self.contents[b as usize][..],
+                        "seed {}: {what}: block {b} returned {} instead of {}",
+                        self.seed,
+                        tag(&buf),
+                        tag(&self.contents[b as usize])
+                    ),
+                    Err(e) => panic!(
+                        "seed {}: {what}: block {b} is intact but its read failed: {e}",
+                        self.seed
+                    ),
+                }
+            }
+        }
+    }
+}
+
+const FAULT_SEEDS: u64 = 300;
+
+#[test]
+fn bit_flip_in_a_data_block_is_caught() {
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let k = rig.rng.gen_range(0..rig.blocks);
+        let offset = k * rig.bs as u64 + rig.rng.gen_range(0..rig.bs as u64);
+        let bit = rig.rng.gen_range(0..8);
+        rig.data.corrupt_flip_bit(offset, bit).unwrap();
+        rig.expect(&[k], "bit flip");
+        rig.crash_and_reopen();
+        rig.expect(&[k], "bit flip, after reopen");
+    }
+}
+
+#[test]
+fn bit_flip_in_a_pending_block_is_caught() {
+    // The block was rewritten since the last flush: it has two valid
+    // checksums, and a flipped bit in either content matches neither.
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let k = rig.rng.gen_range(0..rig.blocks);
+        let c = rig.fresh();
+        rig.write(k, c);
+        let offset = k * rig.bs as u64 + rig.rng.gen_range(0..rig.bs as u64);
+        rig.data
+            .corrupt_flip_bit(offset, rig.rng.gen_range(0..8))
+            .unwrap();
+        rig.expect(&[k], "bit flip in a pending block");
+        // Whichever version survives the crash, it carries the flip.
+        rig.crash_and_reopen();
+        rig.expect(&[k], "bit flip in a pending block, after reopen");
+    }
+}
+
+#[test]
+fn misdirected_write_is_caught() {
+    // Block i's content lands at block j: the checksum is seeded by the
+    // block number, so it does not verify at j even though it is a valid
+    // content of i.
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let (i, j) = rig.two_blocks();
+        let misplaced = rig.contents[i as usize].clone();
+        rig.data
+            .corrupt_write(j * rig.bs as u64, &misplaced)
+            .unwrap();
+        rig.expect(&[j], "misdirected write");
+        rig.crash_and_reopen();
+        rig.expect(&[j], "misdirected write, after reopen");
+    }
+}
+
+#[test]
+fn block_and_checksum_moved_together_are_caught() {
+    // A block's data *and* its pair land at another block number (say a
+    // whole region copied to the wrong offset): the pair matches the bytes,
+    // but it was computed for the other block number. Only the block number
+    // in the hash seed can catch this.
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let (i, j) = rig.two_blocks();
+        if rig.contents[i as usize].iter().all(|&b| b == 0) {
+            // Zeros with the "reads as zeros" pair are right anywhere.
+            continue;
+        }
+        let moved = rig.contents[i as usize].clone();
+        rig.data.corrupt_write(j * rig.bs as u64, &moved).unwrap();
+        let pair_of = |b: u64| TABLE_OFFSET + b * PAIR_SIZE;
+        let mut pair = [0u8; PAIR_SIZE as usize];
+        rig.meta.read_at(&mut pair, pair_of(i)).unwrap();
+        rig.meta.corrupt_write(pair_of(j), &pair).unwrap();
+        // Reopen so the engine reads the moved pair from the device.
+        rig.crash_and_reopen();
+        rig.expect(&[j], "block and checksum moved together");
+    }
+}
+
+#[test]
+fn block_reverted_past_a_flush_is_caught_once_metadata_is_written_back() {
+    // A lost write: the media goes back to a content older than the last
+    // flush. Once the flush's forgotten old checksums are written back,
+    // neither slot covers the old content any more.
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let n = rig.rng.gen_range(1..=3);
+        let mut reverted = Vec::new();
+        for _ in 0..n {
+            let b = rig.rng.gen_range(0..rig.blocks);
+            if reverted.iter().any(|(r, _)| *r == b) {
+                continue;
+            }
+            let older = rig.contents[b as usize].clone();
+            let c = rig.fresh();
+            rig.write(b, c);
+            reverted.push((b, older));
+        }
+        rig.settle();
+        for (b, older) in &reverted {
+            rig.data.corrupt_write(b * rig.bs as u64, older).unwrap();
+        }
+        let bad: Vec<u64> = reverted.iter().map(|(b, _)| *b).collect();
+        rig.expect(&bad, "revert past a flush");
+        rig.crash_and_reopen();
+        rig.expect(&bad, "revert past a flush, after reopen");
+    }
+}
+
+#[test]
+fn bit_flip_in_a_stored_checksum_is_caught() {
+    // Damage in the pair table: the block no longer matches its stored
+    // checksums, which must also surface as a mismatch (after a reopen,
+    // when the pair is read from the device). This holds for a zero pair
+    // too: flipped, it is no longer the "reads as zeros" value.
+    for seed in 0..FAULT_SEEDS {
+        let mut rig = Rig::new(seed);
+        let k = rig.rng.gen_range(0..rig.blocks);
+        // Flip a bit in both slots, so neither still matches.
+        let pair = TABLE_OFFSET + k * PAIR_SIZE;
+        let byte = rig.rng.gen_range(0..8);
+        let bit = rig.rng.gen_range(0..8);
+        rig.meta.corrupt_flip_bit(pair + byte, bit).unwrap();
+        rig.meta.corrupt_flip_bit(pair + 8 + byte, bit).unwrap();
+        rig.crash_and_reopen();
+        rig.expect(&[k], "bit flip in a stored checksum");
+    }
 }
