@@ -293,8 +293,9 @@ fn skip_front(segs: &mut Segments, mut n: u64) {
             break;
         }
         let take = n.min(u64::from(s.len));
-        // `take` fits in u32: it is at most s.len.
-        s.addr = s.addr.unchecked_add(take);
+        // `take` fits in u32: it is at most s.len. The range was checked
+        // against guest memory, so the sum cannot wrap.
+        s.addr = GuestAddress(s.addr.raw_value().wrapping_add(take));
         s.len -= take as u32;
         n -= take;
         if s.len == 0 {
