@@ -390,3 +390,30 @@ fn two_formats_use_different_salts() {
     let salt = |d: &Disk| json(&twinsum(&["info", "--meta", s(&d.meta), "--json"]))["salt"].clone();
     assert_ne!(salt(&a), salt(&b));
 }
+
+#[test]
+fn check_of_a_sparse_terabyte_names_a_block_written_behind_its_back() {
+    let disk = Disk::new();
+    let o = twinsum(&[
+        "format",
+        "--data",
+        s(&disk.img),
+        "--meta",
+        s(&disk.meta),
+        "--size",
+        "1T",
+    ]);
+    assert_exit(&o, 0);
+    let block = (1u64 << 40) / 4096 - 12345;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&disk.img)
+        .expect("open");
+    f.write_all_at(&[7u8; 100], block * 4096 + 50)
+        .expect("write");
+    let o = disk.check(true);
+    assert_exit(&o, 1);
+    let j = json(&o);
+    assert_eq!(j["mismatches"], serde_json::json!([block]));
+    assert_eq!(j["checked"], (1u64 << 40) / 4096);
+}

@@ -336,11 +336,14 @@ impl PairWindow {
         }
     }
 
+    fn covers(&self, block: u64) -> bool {
+        block >= self.first && block < self.first + self.pairs.len() as u64
+    }
+
     /// The pairs of blocks `block..end`, or of a non-empty prefix of them
     /// (up to the end of the window).
     fn slice(&mut self, meta: &mut Metadata, block: u64, end: u64) -> anyhow::Result<&[Pair]> {
-        let in_window = block >= self.first && block < self.first + self.pairs.len() as u64;
-        if !in_window {
+        if !self.covers(block) {
             let n = (self.blocks.saturating_sub(block)).min(PAIR_WINDOW as u64) as usize;
             if n == 0 {
                 anyhow::bail!("block {block} is past the end of the table");
@@ -377,6 +380,17 @@ impl PairWindow {
     ) -> anyhow::Result<()> {
         let mut b = first;
         while b < end {
+            if !self.covers(b) {
+                // Where the table is a hole too, every pair is zero and
+                // accepts the zeros: nothing to read at all.
+                let skip = meta.zero_run(b, end - b)?;
+                if skip > 0 {
+                    tally.report.checked += skip;
+                    tally.progress.inc(skip * tally.bs);
+                    b += skip;
+                    continue;
+                }
+            }
             let pairs = self.slice(meta, b, end)?;
             tally.count(pairs);
             for (i, pair) in pairs.iter().enumerate() {

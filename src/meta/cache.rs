@@ -222,6 +222,37 @@ impl Metadata {
         Ok(written)
     }
 
+    /// How many blocks from `first_block` on (at most `max`) are known to
+    /// hold the zero pair without reading them: their table pages are a
+    /// hole on the device and not in the cache. 0 when that is not known,
+    /// e.g. on a device that cannot report holes. Lets a scan of a huge
+    /// sparse table skip the hole instead of reading zeros.
+    pub fn zero_run(&mut self, first_block: u64, max: u64) -> Result<u64, MetaError> {
+        self.check_block(first_block, max.min(1))?;
+        let max = max.min(self.sb.blocks - first_block);
+        let page = first_block / PAIRS_PER_PAGE;
+        if max == 0 || self.cache.contains(page) {
+            return Ok(0);
+        }
+        let offset = page_offset(page);
+        let hole_end = match self
+            .dev
+            .next_data(offset)
+            .map_err(io_err("looking for holes in the pair table"))?
+        {
+            Some((data, _)) => data,
+            None => self.dev.size(),
+        };
+        // Whole pages of hole only, and none that the cache holds (a
+        // cached page may carry pairs not yet written back).
+        let mut hole_pages = hole_end.saturating_sub(offset) / PAGE_SIZE;
+        if let Some(cached) = self.cache.first_resident_after(page) {
+            hole_pages = hole_pages.min(cached - page);
+        }
+        let run = (hole_pages * PAIRS_PER_PAGE).saturating_sub(first_block % PAIRS_PER_PAGE);
+        Ok(run.min(max))
+    }
+
     pub fn dirty_pages(&self) -> usize {
         self.cache.dirty.len
     }
@@ -451,6 +482,12 @@ impl PageCache {
 
     fn contains(&self, page: u64) -> bool {
         self.index.contains_key(&page)
+    }
+
+    /// The lowest resident page above `page`. O(resident pages): meant for
+    /// scans, which use a small cache.
+    fn first_resident_after(&self, page: u64) -> Option<u64> {
+        self.index.keys().copied().filter(|&p| p > page).min()
     }
 
     /// The slot of a resident page, marked most recently used.
@@ -988,6 +1025,35 @@ mod tests {
         for (b, p) in model {
             assert_eq!(dev.stored_pair(b), p);
         }
+    }
+
+    #[test]
+    fn zero_run_skips_table_holes_but_not_cached_pages() {
+        use crate::io::FileDevice;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let blocks = 1000 * PAIRS_PER_PAGE;
+        let dev = FileDevice::create(&path, meta_len(blocks), false, false).unwrap();
+        let sb = Superblock::new(512, blocks * 512, 7).unwrap();
+        let mut meta = Metadata::create(Arc::new(dev), sb, 8).unwrap();
+        // Page 500 holds data on the device; page 700 only in the cache.
+        meta.set(500 * PAIRS_PER_PAGE + 1, pair_for(1)).unwrap();
+        meta.write_dirty().unwrap();
+        meta.set(700 * PAIRS_PER_PAGE + 2, pair_for(2)).unwrap();
+        assert_eq!(meta.zero_run(3, blocks).unwrap(), 500 * PAIRS_PER_PAGE - 3);
+        assert_eq!(meta.zero_run(500 * PAIRS_PER_PAGE, blocks).unwrap(), 0);
+        let after = 501 * PAIRS_PER_PAGE;
+        assert_eq!(meta.zero_run(after, blocks).unwrap(), 199 * PAIRS_PER_PAGE);
+        assert_eq!(meta.zero_run(after, 10).unwrap(), 10);
+        assert_eq!(meta.zero_run(700 * PAIRS_PER_PAGE, blocks).unwrap(), 0);
+        let tail = 701 * PAIRS_PER_PAGE;
+        assert_eq!(meta.zero_run(tail, blocks).unwrap(), blocks - tail);
+    }
+
+    #[test]
+    fn zero_run_is_zero_where_holes_are_unknown() {
+        let (_dev, mut meta) = fresh(2);
+        assert_eq!(meta.zero_run(0, BLOCKS).unwrap(), 0);
     }
 
     #[test]
