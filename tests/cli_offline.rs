@@ -417,3 +417,21 @@ fn check_of_a_sparse_terabyte_names_a_block_written_behind_its_back() {
     assert_eq!(j["mismatches"], serde_json::json!([block]));
     assert_eq!(j["checked"], (1u64 << 40) / 4096);
 }
+
+#[test]
+fn format_refuses_metadata_on_the_image_itself_even_with_force() {
+    let disk = Disk::new();
+    disk.write_known_data(4096, 8);
+    let before = fs::read(&disk.img).expect("image");
+    let o = twinsum(&[
+        "format",
+        "--data",
+        s(&disk.img),
+        "--meta",
+        s(&disk.img),
+        "--force",
+    ]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("same file"), "{}", stderr(&o));
+    assert_eq!(fs::read(&disk.img).expect("image"), before);
+}

@@ -95,7 +95,8 @@ struct Report {
     blocks: u64,
     block_size: u32,
     checked: u64,
-    /// Block numbers that match neither slot (the first `MAX_LISTED`).
+    /// Block numbers that match neither slot, sorted (at most
+    /// `MAX_LISTED`; `mismatch_count` is exact).
     mismatches: Vec<u64>,
     mismatch_count: u64,
     /// Pairs whose slots differ: written since the last data sync.

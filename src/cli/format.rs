@@ -86,9 +86,20 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let meta_dev = create_meta(&cfg.meta, meta_len(sb.blocks))?;
     let mut meta = Metadata::create(Arc::new(meta_dev), sb, CACHE_PAGES)
         .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
-    let hashed = hash_data(&mut meta, &data)
-        .with_context(|| format!("formatting {}", cfg.data.display()))?;
-    mark_clean(&mut meta).with_context(|| format!("cannot finish {}", cfg.meta.display()))?;
+    let done = hash_data(&mut meta, &data)
+        .with_context(|| format!("formatting {}", cfg.data.display()))
+        .and_then(|hashed| {
+            mark_clean(&mut meta)
+                .with_context(|| format!("cannot finish {}", cfg.meta.display()))?;
+            Ok(hashed)
+        });
+    let hashed = match done {
+        Ok(hashed) => hashed,
+        Err(e) => {
+            invalidate(&meta);
+            return Err(e);
+        }
+    };
     let sb = meta.superblock();
     writeln!(
         std::io::stdout(),
@@ -136,6 +147,14 @@ fn open_data(cfg: &FormatConfig) -> anyhow::Result<(FileDevice, Option<File>)> {
 /// Refuse an existing META that holds metadata or anything else, unless
 /// --force: formatting throws the old checksums away.
 fn refuse_to_overwrite(cfg: &FormatConfig) -> anyhow::Result<()> {
+    // Not even with --force: that would truncate the image itself.
+    if same_file(&cfg.data, &cfg.meta) {
+        bail!(
+            "{} and {} are the same file; the metadata needs its own",
+            cfg.data.display(),
+            cfg.meta.display()
+        );
+    }
     if cfg.force || !cfg.meta.exists() {
         return Ok(());
     }
@@ -165,6 +184,17 @@ fn refuse_to_overwrite(cfg: &FormatConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether both paths exist and name the same file or device.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    let block = |m: &std::fs::Metadata| m.file_type().is_block_device();
+    // Two device nodes can name one disk: compare the device number.
+    (a.dev(), a.ino()) == (b.dev(), b.ino()) || (block(&a) && block(&b) && a.rdev() == b.rdev())
 }
 
 /// Create (or truncate) META at `len` bytes, exclusively locked.
@@ -221,6 +251,20 @@ fn mark_clean(meta: &mut Metadata) -> anyhow::Result<()> {
     sb.clean = true;
     meta.store_superblock(sb)?;
     Ok(())
+}
+
+/// After a failed format the table is incomplete, and a valid superblock
+/// over it would make blocks that were never hashed fail to verify. Wipe
+/// the superblock so nothing opens it; best effort, as we are failing
+/// already.
+fn invalidate(meta: &Metadata) {
+    let dev = meta.device();
+    let wiped = dev
+        .write_at(&[0u8; SUPERBLOCK_SIZE], 0)
+        .and_then(|()| dev.sync());
+    if let Err(e) = wiped {
+        log::warn!("cannot wipe the superblock of the failed format: {e}");
+    }
 }
 
 /// A size must be a positive whole number of blocks.
