@@ -14,6 +14,11 @@ out=$here/build
 debs=$out/debs
 mkdir -p "$debs"
 
+# Several test runs (or engineers) may build at once; the second waits for
+# the first and then finds everything up to date.
+exec 9>"$out/.lock"
+flock 9
+
 log() { printf 'images: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 

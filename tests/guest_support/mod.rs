@@ -20,11 +20,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Size of the disk each test formats.
-pub const DISK_SIZE: &str = "256M";
+const DISK_SIZE: &str = "256M";
 const DISK_BYTES: u64 = 256 << 20;
 /// Longest a single guest step may take (boot, one test script, power-off).
 /// TCG on two busy cores is slow; the usual step takes 5–15 s.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(150);
+const STEP_TIMEOUT: Duration = Duration::from_secs(150);
 /// Longest the backend may take to listen, or to exit after SIGTERM.
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of console and log shown when a test fails.
