@@ -1,6 +1,7 @@
-//! Core figures: block hash rate, `check` throughput against a plain
-//! sequential read of the same file, and the time to format a 1 TiB sparse
-//! image. Run with `cargo bench --bench core`; about half a minute.
+//! Core figures: block hash rate, metadata cache get/set rate, `check`
+//! throughput against a plain sequential read of the same file, and the
+//! time to format a 1 TiB sparse image. Run with `cargo bench --bench
+//! core`; about half a minute.
 //!
 //! `check` and `format` are measured through the built binary, exactly as
 //! an operator runs them. Both the check and the plain read run against a
@@ -15,7 +16,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use twinsum::integrity::hash::block_hash;
+use twinsum::io::FileDevice;
+use twinsum::meta::{meta_len, Metadata, Pair, Superblock};
 
 /// Size of the non-sparse image for the check comparison.
 const IMAGE_BYTES: u64 = 1 << 30;
@@ -34,6 +39,7 @@ fn main() {
 fn run() -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     hash_rates();
+    cache_rates(dir.path())?;
     check_vs_plain_read(dir.path())?;
     format_terabyte(dir.path())?;
     Ok(())
@@ -56,6 +62,42 @@ fn hash_rates() {
             gb_per_s(buf.len() as u64, best)
         );
     }
+}
+
+/// Random get/set on the pair table of a 4 GiB image (1 M blocks, 4096
+/// table pages): once with every page cached, once with a cache of 64
+/// pages, where most operations evict (and often write back) a page.
+fn cache_rates(dir: &Path) -> Result<(), String> {
+    let blocks: u64 = 1 << 20;
+    let path = dir.join("cache.meta");
+    let dev = FileDevice::create(&path, meta_len(blocks), false, false)
+        .map_err(|e| format!("create {}: {e}", path.display()))?;
+    let sb = Superblock::new(4096, blocks * 4096, 1).map_err(|e| e.to_string())?;
+    let mut meta = Metadata::create(Arc::new(dev), sb, 1).map_err(|e| e.to_string())?;
+    for cache_pages in [4096usize, 64] {
+        let dev = Arc::clone(meta.device());
+        meta = Metadata::open(dev, cache_pages).map_err(|e| e.to_string())?;
+        let ops = 2_000_000u64;
+        let mut x: u64 = 0x1234_5678;
+        let t = Instant::now();
+        for i in 0..ops {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x % blocks;
+            if i % 4 == 0 {
+                meta.set(b, Pair { new: x, old: i })
+                    .map_err(|e| e.to_string())?;
+            } else {
+                black_box(meta.get(b).map_err(|e| e.to_string())?);
+            }
+        }
+        let rate = ops as f64 / t.elapsed().as_secs_f64() / 1e6;
+        println!(
+            "meta get/set (3:1, random), cache {cache_pages:>4} of 4096 pages: {rate:6.2} M ops/s"
+        );
+    }
+    Ok(())
 }
 
 fn check_vs_plain_read(dir: &Path) -> Result<(), String> {
