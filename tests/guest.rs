@@ -47,6 +47,9 @@ fn guest_ext4_filesystem_passes_fsck() {
     s.boot("fs", false);
     s.expect_pass_and_poweroff("fs");
     s.stop_and_verify_metadata();
+    // The host's own fsck reads IMG as twinsum left it on disk.
+    let fsck = s.host_fsck();
+    s.check(fsck);
 }
 
 #[test]

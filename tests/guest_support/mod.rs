@@ -115,6 +115,10 @@ impl Captured {
         captured
     }
 
+    fn has_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
     fn text(&self) -> String {
         self.state
             .lock()
@@ -123,8 +127,9 @@ impl Captured {
             .clone()
     }
 
-    /// Call `check(text, closed)` whenever the text grows, until it returns
-    /// `Some` or `timeout` passes (then the error names `what`).
+    /// Call `check(text, closed)` whenever the text grows (and at least
+    /// every 250 ms, so that it can also watch other processes), until it
+    /// returns `Some` or `timeout` passes (then the error names `what`).
     fn wait<T>(
         &self,
         what: &str,
@@ -143,7 +148,7 @@ impl Captured {
             }
             state = self
                 .grew
-                .wait_timeout(state, deadline - now)
+                .wait_timeout(state, (deadline - now).min(Duration::from_millis(250)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -568,6 +573,7 @@ impl Session {
     pub fn wait_marker(&mut self, marker: &str) {
         let needle = format!("@@TWINSUM {marker}@@");
         let from = self.cursor;
+        let backend_log = &self.backend.log;
         let result = self
             .guest()
             .console
@@ -589,7 +595,14 @@ impl Session {
                 if rest.contains("Kernel panic") {
                     return Some(Err(format!("guest kernel panicked (waiting for {needle})")));
                 }
-                closed.then(|| Err(format!("QEMU exited while waiting for {needle}")))
+                if closed {
+                    return Some(Err(format!("QEMU exited while waiting for {needle}")));
+                }
+                // A dead backend leaves the guest hanging in I/O: say so now
+                // rather than at the timeout.
+                backend_log
+                    .has_closed()
+                    .then(|| Err(format!("the backend exited while waiting for {needle}")))
             });
         self.cursor = self.check(result);
     }
@@ -665,6 +678,34 @@ impl Session {
         if !report.contains("\"mismatches\":[]") {
             self.fail(format!("twinsum check after the guest run: {report}"));
         }
+    }
+}
+
+impl Session {
+    /// `e2fsck -fn IMG` on the host, after the backend stopped; skipped with
+    /// a note if the host has no e2fsck.
+    pub fn host_fsck(&self) -> Result<(), String> {
+        let Some(e2fsck) = find_in_path("e2fsck").or_else(|| {
+            let sbin = PathBuf::from("/sbin/e2fsck");
+            sbin.is_file().then_some(sbin)
+        }) else {
+            eprintln!("note: no e2fsck on the host; image not checked from the host side");
+            return Ok(());
+        };
+        let out = Command::new(e2fsck)
+            .arg("-fn")
+            .arg(&self.backend.img)
+            .output()
+            .map_err(|e| format!("cannot run e2fsck: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "host e2fsck -fn of the image failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
