@@ -435,3 +435,42 @@ fn format_refuses_metadata_on_the_image_itself_even_with_force() {
     assert!(stderr(&o).contains("same file"), "{}", stderr(&o));
     assert_eq!(fs::read(&disk.img).expect("image"), before);
 }
+
+/// Hold an exclusive flock on `path`, as a running `serve` does.
+fn hold_lock(path: &Path) -> File {
+    let f = File::open(path).expect("open");
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "lock {}", path.display());
+    f
+}
+
+#[test]
+fn check_and_format_refuse_an_image_in_use_by_another_process() {
+    let disk = formatted_disk(4096, 16);
+    let held = hold_lock(&disk.img);
+    let o = disk.check(false);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    let forced = twinsum(&[
+        "format",
+        "--data",
+        s(&disk.img),
+        "--meta",
+        s(&disk.meta),
+        "--force",
+    ]);
+    assert_exit(&forced, 2);
+    drop(held);
+    assert_exit(&disk.check(false), 0);
+}
+
+#[test]
+fn two_checks_may_run_at_once() {
+    let disk = formatted_disk(4096, 16);
+    let f = File::open(&disk.img).expect("open");
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
+    assert_exit(&disk.check(false), 0);
+}

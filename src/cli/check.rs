@@ -8,13 +8,11 @@
 //! thread could not keep up with a plain sequential read. Holes are not
 //! read at all; only their pairs are checked against the all-zero block.
 //!
-//! Also home of the helpers `format` shares: the locked open and the
+//! Also home of the helpers `format` shares: the progress bar and the
 //! chunked data scan.
 
-use std::fs::File;
 use std::io::{self, IsTerminal, Write};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -23,7 +21,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use twinsum::integrity::hash::{self, Verdict};
-use twinsum::io::{Device, FileDevice};
+use twinsum::io::{Device, FileDevice, OpenFlags};
 use twinsum::meta::{Metadata, Pair};
 
 /// Arguments of `twinsum check`.
@@ -59,13 +57,16 @@ const JOBS_PER_WORKER: usize = 4;
 const MAX_LISTED: usize = 1 << 20;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let _meta_lock = lock(&args.meta, false)?;
-    let _data_lock = lock(&args.data, false)?;
-    let meta_dev = FileDevice::open(&args.meta, Default::default())
+    // Shared locks: read-only, so a second check may run, a serve may not.
+    let shared = OpenFlags {
+        writable: false,
+        lock: true,
+    };
+    let meta_dev = FileDevice::open(&args.meta, shared)
         .with_context(|| format!("cannot open metadata {}", args.meta.display()))?;
     let mut meta = Metadata::open(Arc::new(meta_dev), 64)
         .with_context(|| format!("cannot use metadata {}", args.meta.display()))?;
-    let data = FileDevice::open(&args.data, Default::default())
+    let data = FileDevice::open(&args.data, shared)
         .with_context(|| format!("cannot open image {}", args.data.display()))?;
     meta.check_image(data.size()).with_context(|| {
         format!(
@@ -456,32 +457,6 @@ pub(super) fn progress_bar(total_bytes: u64, what: &'static str) -> ProgressBar 
     ProgressBar::new(total_bytes)
         .with_style(style)
         .with_message(what)
-}
-
-/// Take an advisory `flock` on `path` for the life of the returned file, so
-/// that `check` (shared) and `format` (exclusive) cannot run against a disk
-/// that `serve` holds.
-///
-/// Our own descriptor rather than `FileDevice`'s lock because `io` does not
-/// export `OpenFlags`; the lock conflicts all the same, as flock locks
-/// belong to the open file and conflict across descriptors.
-pub(super) fn lock(path: &Path, exclusive: bool) -> anyhow::Result<File> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            anyhow::bail!("{} is in use by another process (locked)", path.display());
-        }
-        return Err(e).with_context(|| format!("cannot lock {}", path.display()));
-    }
-    Ok(file)
 }
 
 /// One chunk of data read from the device: `len` valid bytes at `offset`.

@@ -4,7 +4,6 @@
 //! of a fresh (sparse) table, so formatting a sparse image costs no hashing
 //! and no table writes. Every other block gets `(c, c)`.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,10 +11,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use twinsum::integrity::hash;
-use twinsum::io::{Device, FileDevice};
+use twinsum::io::{Device, FileDevice, OpenFlags};
 use twinsum::meta::{meta_len, Metadata, Pair, Superblock, SUPERBLOCK_SIZE};
 
-use super::check::{lock, progress_bar, scan_data};
+use super::check::{progress_bar, scan_data};
 
 /// Arguments of `twinsum format`.
 #[derive(Debug, clap::Args)]
@@ -78,7 +77,7 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let cfg = FormatConfig::try_from(args)?;
     // Before IMG is touched, so a refusal creates nothing.
     refuse_to_overwrite(&cfg)?;
-    let (data, _data_lock) = open_data(&cfg)?;
+    let data = open_data(&cfg)?;
     let data_size = data.size();
     check_size(data_size, cfg.block_size)
         .with_context(|| format!("cannot format {}", cfg.data.display()))?;
@@ -113,9 +112,11 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Open IMG (exclusively locked, so no `serve` runs on it meanwhile), or
-/// create it sparse when it does not exist and --size was given.
-fn open_data(cfg: &FormatConfig) -> anyhow::Result<(FileDevice, Option<File>)> {
+/// Open IMG, or create it sparse when it does not exist and --size was
+/// given. Either way under an exclusive lock, so no `serve` or `check`
+/// runs on it meanwhile; `FileDevice` takes that lock only on a writable
+/// open, so IMG is opened for writing although format only reads it.
+fn open_data(cfg: &FormatConfig) -> anyhow::Result<FileDevice> {
     let path = &cfg.data;
     if !path.exists() {
         let Some(size) = cfg.size else {
@@ -127,10 +128,13 @@ fn open_data(cfg: &FormatConfig) -> anyhow::Result<(FileDevice, Option<File>)> {
         let dev = FileDevice::create(path, size, false, true)
             .with_context(|| format!("cannot create image {}", path.display()))?;
         log::info!("created sparse image {} of {size} bytes", path.display());
-        return Ok((dev, None));
+        return Ok(dev);
     }
-    let lock = lock(path, true)?;
-    let dev = FileDevice::open(path, Default::default())
+    let flags = OpenFlags {
+        writable: true,
+        lock: true,
+    };
+    let dev = FileDevice::open(path, flags)
         .with_context(|| format!("cannot open image {}", path.display()))?;
     if let Some(size) = cfg.size {
         if size != dev.size() {
@@ -141,7 +145,7 @@ fn open_data(cfg: &FormatConfig) -> anyhow::Result<(FileDevice, Option<File>)> {
             );
         }
     }
-    Ok((dev, Some(lock)))
+    Ok(dev)
 }
 
 /// Refuse an existing META that holds metadata or anything else, unless
