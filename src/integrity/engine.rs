@@ -176,6 +176,10 @@ struct State {
     events: u64,
     /// The on-disk superblock says "dirty" already.
     marked_dirty: bool,
+    /// Zeroings issued and not completed. Their already-zero blocks do not
+    /// enter the Pending set (nothing changes for them on a crash), but a
+    /// write to such a block must not overtake the hole punch.
+    zeroing: Vec<(u64, u64)>,
 }
 
 /// The dual-checksum engine over one data and one metadata device.
@@ -253,6 +257,7 @@ impl Engine {
                 pending: HashMap::new(),
                 events: 0,
                 marked_dirty: !sb.clean,
+                zeroing: Vec::new(),
             }),
             completed: Condvar::new(),
             data_gate: SyncGate::default(),
@@ -549,6 +554,9 @@ impl Engine {
         // The blocks are Clean (or zero) now: old covers the durable content.
         st.events += 1;
         for u in round {
+            if u.data.is_none() {
+                st.zeroing.push((u.block, u.block + u.count));
+            }
             for (i, &sum) in u.sums.iter().enumerate() {
                 let b = u.block + i as u64;
                 let p = st.meta.get(b)?;
@@ -630,7 +638,9 @@ impl Engine {
             let mut pending = false;
             let mut uncertain = Vec::new();
             for u in round {
-                for b in u.block..u.block + u.count {
+                let end = u.block + u.count;
+                busy |= st.zeroing.iter().any(|&(b, e)| b < end && u.block < e);
+                for b in u.block..end {
                     if let Some(p) = st.pending.get(&b) {
                         pending = true;
                         busy |= p.inflight > 0;
@@ -724,6 +734,12 @@ impl Engine {
         st.events += 1;
         let now = st.events;
         for (u, &failed) in round.iter().zip(failed) {
+            if u.data.is_none() {
+                let range = (u.block, u.block + u.count);
+                if let Some(i) = st.zeroing.iter().position(|&r| r == range) {
+                    st.zeroing.swap_remove(i);
+                }
+            }
             for b in u.block..u.block + u.count {
                 if let Some(p) = st.pending.get_mut(&b) {
                     p.inflight = p.inflight.saturating_sub(1);
@@ -810,7 +826,7 @@ impl Engine {
         {
             // Writes in flight would stay Pending through the sync.
             let mut st = self.lock();
-            while st.pending.values().any(|p| p.inflight > 0) {
+            while !st.zeroing.is_empty() || st.pending.values().any(|p| p.inflight > 0) {
                 st = self
                     .completed
                     .wait(st)
