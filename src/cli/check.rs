@@ -267,7 +267,10 @@ fn verify_job(
         buf.resize(len, 0);
     }
     let data = &mut buf[..len];
-    dev.read_at(data, job.first * bs)?;
+    dev.read_at(data, job.first * bs).map_err(|e| {
+        let last = job.first + job.pairs.len() as u64 - 1;
+        io::Error::new(e.kind(), format!("blocks {}..={last}: {e}", job.first))
+    })?;
     let bad = data
         .chunks_exact(bs as usize)
         .zip(&job.pairs)
