@@ -64,9 +64,24 @@ fn guest_fio_verify_workload_passes() {
 
 #[test]
 fn guest_gets_io_error_for_corrupted_block_only() {
-    let Some(mut s) = Session::start("corrupt") else {
+    let Some(s) = Session::start("corrupt") else {
         return;
     };
+    corrupted_chunk_fails_alone(s);
+}
+
+#[test]
+fn guest_gets_io_error_for_corrupted_block_with_512_byte_blocks() {
+    let Some(s) = Session::start_with_block_size("corrupt-512", 512) else {
+        return;
+    };
+    corrupted_chunk_fails_alone(s);
+}
+
+/// The guest writes 64 chunks of 4 KiB, the host damages a byte of one, and
+/// only that chunk fails to read; twinsum logs the block that holds the
+/// byte (one 4 KiB chunk spans eight blocks when they are 512 bytes).
+fn corrupted_chunk_fails_alone(mut s: Session) {
     s.boot("corrupt", false);
     // The guest wrote and flushed 64 chunks of 4 KiB at the start of the
     // disk; damage one byte inside chunk 37.

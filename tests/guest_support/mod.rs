@@ -187,7 +187,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn start(kind: BackendKind) -> Result<Self, String> {
+    /// Format a fresh disk (twinsum: with `block_size` bytes per block)
+    /// and serve it.
+    fn start(kind: BackendKind, block_size: u32) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("twinsum-guest-")
             .tempdir()
@@ -205,6 +207,8 @@ impl Backend {
                     path_str(&meta)?,
                     "--size",
                     DISK_SIZE,
+                    "--block-size",
+                    &block_size.to_string(),
                 ])?;
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsum"));
                 cmd.args(["serve", "--socket", path_str(&socket)?]).args([
@@ -494,9 +498,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// Start the backend for test `name`, or return `None` (after saying so)
-    /// when QEMU is not installed.
+    /// Start the backend for test `name` on a disk of 4 KiB blocks, or
+    /// return `None` (after saying so) when QEMU is not installed.
     pub fn start(name: &str) -> Option<Self> {
+        Self::start_with_block_size(name, 4096)
+    }
+
+    /// `start`, with twinsum's block size (and so the guest's logical block
+    /// size) set to `block_size`.
+    pub fn start_with_block_size(name: &str, block_size: u32) -> Option<Self> {
         if find_in_path(QEMU).is_none() {
             eprintln!(
                 "SKIPPED guest test {name}: {QEMU} is not installed \
@@ -505,7 +515,7 @@ impl Session {
             return None;
         }
         let kind = BackendKind::from_env();
-        let backend = Backend::start(kind)
+        let backend = Backend::start(kind, block_size)
             .unwrap_or_else(|e| panic!("guest test {name}: backend failed to start: {e}"));
         if kind != BackendKind::Twinsum {
             eprintln!(
