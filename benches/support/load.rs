@@ -107,8 +107,7 @@ impl Client {
             b.set_str("path", path).map_err(blk_err)?;
             match b.connect() {
                 Ok(()) => break b,
-                Err(e) if start.elapsed() < Duration::from_secs(5) => {
-                    let _ = e;
+                Err(_) if start.elapsed() < Duration::from_secs(5) => {
                     thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(blk_err(e)).context("connect"),
@@ -197,9 +196,12 @@ impl Client {
         q.flush(0, ReqFlags::empty());
         let mut c = completion_buf(1);
         let n = q.do_io(&mut c, 1, None, None).map_err(blk_err)?;
-        // SAFETY: do_io initialised the first `n` completions.
+        if n != 1 {
+            bail!("flush: expected one completion, got {n}");
+        }
+        // SAFETY: do_io initialised the first `n` (= 1) completions.
         let c = unsafe { c[0].assume_init_read() };
-        if n != 1 || c.ret != 0 {
+        if c.ret != 0 {
             bail!("flush failed: {}", completion_error(&c));
         }
         Ok(())
