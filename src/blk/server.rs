@@ -46,7 +46,8 @@ pub struct ServeConfig {
     pub on_mismatch: OnMismatch,
 }
 
-/// Why `serve` stopped with an error.
+/// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
+/// the message: `main` prints the whole chain once.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{} is in use by another twinsum", socket.display())]
@@ -55,17 +56,17 @@ pub enum ServeError {
     SocketLive(PathBuf),
     #[error("{} exists and is not a socket; not replacing it", .0.display())]
     NotASocket(PathBuf),
-    #[error("cannot set up socket {}: {source}", path.display())]
+    #[error("cannot set up socket {}", path.display())]
     Socket {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    Open(#[source] io::Error),
-    #[error("cannot open the disk: {0}")]
+    #[error(transparent)]
+    Open(io::Error),
+    #[error("cannot open the disk")]
     Engine(#[source] EngineError),
-    #[error("cannot set up signals: {0}")]
+    #[error("cannot set up signals")]
     Signals(#[source] io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
