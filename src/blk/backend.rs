@@ -280,3 +280,148 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::bindings::virtio_blk::{
+        VIRTIO_BLK_F_RO, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+    use crate::blk::testutil::*;
+
+    struct Fixture {
+        disk: Arc<Disk>,
+        gm: GuestMem,
+        backend: BlkBackend,
+        vring: Vring,
+    }
+
+    fn fixture(readonly: bool) -> Fixture {
+        let (_data, disk) = mem_disk(readonly);
+        let disk = Arc::new(disk);
+        let gm = GuestMemoryAtomic::new(guest_memory());
+        let backend = BlkBackend::new(disk.clone(), 2, 256, gm.clone());
+        let vring = Vring::new(gm.clone(), 256).unwrap();
+        Fixture {
+            disk,
+            gm,
+            backend,
+            vring,
+        }
+    }
+
+    impl Fixture {
+        /// Put `reqs` on a fresh ring as queue 0 and let the worker run it.
+        fn kick(&self, reqs: &[Req]) {
+            let mem = self.gm.memory();
+            let vq = MockSplitQueue::new(&*mem, 256);
+            vq.add_desc_chains(&descriptors(&mem, reqs), 0).unwrap();
+            self.vring.set_queue_size(256);
+            self.vring
+                .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+                .unwrap();
+            self.vring.set_queue_next_avail(0);
+            self.vring.set_queue_next_used(0);
+            self.vring.set_queue_ready(true);
+            self.vring.set_enabled(true);
+            self.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+                .unwrap();
+            assert_eq!(
+                self.vring.queue_used_idx().unwrap(),
+                reqs.len() as u16,
+                "every request is completed"
+            );
+        }
+
+        fn sync_mode(&self) -> bool {
+            self.disk.engine().sync_mode()
+        }
+    }
+
+    #[test]
+    fn a_worker_drains_its_ring_with_and_without_event_idx() {
+        for event_idx in [false, true] {
+            let f = fixture(false);
+            f.backend.set_event_idx(event_idx);
+            f.vring.set_queue_event_idx(event_idx);
+            let mem = f.gm.memory();
+            fill_buf(&mem, 0, 0x5a, 4096);
+            f.kick(&[
+                req(VIRTIO_BLK_T_OUT, 8, 4096),
+                req(VIRTIO_BLK_T_FLUSH, 0, 0),
+            ]);
+            assert_eq!((status_byte(&mem, 0), status_byte(&mem, 1)), (0, 0));
+            fill_buf(&mem, 0, 0, 4096);
+            f.kick(&[req(VIRTIO_BLK_T_IN, 8, 4096)]);
+            assert_eq!(status_byte(&mem, 0), 0);
+            assert_eq!(read_buf(&mem, 0, 4096), vec![0x5a; 4096]);
+        }
+    }
+
+    #[test]
+    fn stopping_every_started_ring_or_a_reset_enters_sync_mode_and_a_start_leaves_it() {
+        let f = fixture(false);
+        f.kick(&[req(VIRTIO_BLK_T_FLUSH, 0, 0)]);
+        assert!(!f.sync_mode());
+        // Queue 1 never started, so stopping queue 0 stops the device.
+        f.backend.stop_vring(1).unwrap();
+        assert!(!f.sync_mode(), "a ring that never ran is no signal");
+        f.backend.stop_vring(0).unwrap();
+        assert!(f.sync_mode(), "GET_VRING_BASE on every running ring");
+        f.kick(&[req(VIRTIO_BLK_T_FLUSH, 0, 0)]);
+        assert!(!f.sync_mode(), "the driver started the device again");
+        f.backend.reset_device();
+        assert!(f.sync_mode(), "RESET_DEVICE");
+        f.kick(&[req(VIRTIO_BLK_T_FLUSH, 0, 0)]);
+        assert!(!f.sync_mode());
+    }
+
+    #[test]
+    fn a_closed_connection_processes_nothing() {
+        let f = fixture(false);
+        f.backend.close();
+        let mem = f.gm.memory();
+        let vq = MockSplitQueue::new(&*mem, 256);
+        vq.add_desc_chains(&descriptors(&mem, &[req(VIRTIO_BLK_T_FLUSH, 0, 0)]), 0)
+            .unwrap();
+        f.vring.set_queue_size(256);
+        f.vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        f.vring.set_queue_ready(true);
+        f.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&f.vring), 0)
+            .unwrap();
+        assert_eq!(f.vring.queue_used_idx().unwrap(), 0);
+    }
+
+    #[test]
+    fn features_config_and_threads_match_the_disk() {
+        let f = fixture(true);
+        assert_ne!(f.backend.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(
+            f.backend.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        assert!(f
+            .backend
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
+        assert_eq!(f.backend.queues_per_thread(), vec![1, 2]);
+        let cap = f.backend.get_config(0, 8);
+        assert_eq!(cap, (BLOCKS * u64::from(BS) / 512).to_le_bytes());
+        assert!(f.backend.get_config(0, 1000).is_empty());
+        // The driver turns the write cache off and reads it back.
+        f.backend.set_config(32, &[0]).unwrap();
+        assert_eq!(f.backend.get_config(32, 1), vec![0]);
+        f.backend.reset_device();
+        assert_eq!(
+            f.backend.get_config(32, 1),
+            vec![1],
+            "reset restores write-back"
+        );
+    }
+}

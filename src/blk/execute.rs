@@ -389,14 +389,9 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::blk::config;
-    use crate::integrity::EngineOptions;
+    use crate::blk::testutil::*;
     use crate::io::volatile::MemDevice;
     use crate::io::Device;
-    use crate::meta::{meta_len, DeviceRef, Metadata, Superblock};
-
-    const BS: u32 = 4096;
-    const BLOCKS: u64 = 64;
 
     struct Fixture {
         data: Arc<MemDevice>,
@@ -405,97 +400,18 @@ mod tests {
     }
 
     fn fixture(readonly: bool) -> Fixture {
-        let data = Arc::new(MemDevice::new(u64::from(BS) * BLOCKS));
-        let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
-        let mut sb = Superblock::new(BS, u64::from(BS) * BLOCKS, 0xfeed).unwrap();
-        sb.clean = true;
-        Metadata::create(meta.clone(), sb, 16).unwrap();
-        let opts = EngineOptions {
-            readonly,
-            ..EngineOptions::default()
-        };
-        let engine = Engine::open(data.clone(), meta, opts).unwrap();
-        let disk = Disk::new(
-            Arc::new(engine),
-            config::limits(BS, BLOCKS),
-            readonly,
-            "serial-123",
-        );
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
-        Fixture { data, disk, mem }
-    }
-
-    /// Guest addresses of request `k`'s header, data and status.
-    fn hdr(k: u64) -> u64 {
-        0x10_0000 + k * 0x100
-    }
-    fn buf(k: u64) -> u64 {
-        0x20_0000 + k * 0x1_0000
-    }
-    fn status(k: u64) -> u64 {
-        0x30_0000 + k
-    }
-
-    /// One request: header type/sector, data length, and whether the data
-    /// is device-writable.
-    struct Req {
-        ty: u32,
-        sector: u64,
-        len: u32,
-        data_writable: bool,
-        with_status: bool,
-    }
-
-    fn req(ty: u32, sector: u64, len: u32) -> Req {
-        Req {
-            ty,
-            sector,
-            len,
-            data_writable: ty == VIRTIO_BLK_T_IN || ty == VIRTIO_BLK_T_GET_ID,
-            with_status: true,
+        let (data, disk) = mem_disk(readonly);
+        Fixture {
+            data,
+            disk,
+            mem: guest_memory(),
         }
     }
 
     /// Put `reqs` on a mock queue, drain it and run it as one batch.
     fn run(f: &Fixture, reqs: &[Req], write_through: bool) -> Vec<Used> {
         let vq = MockSplitQueue::new(&f.mem, 256);
-        let mut descs = Vec::new();
-        for (k, r) in reqs.iter().enumerate() {
-            let k = k as u64;
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&r.ty.to_le_bytes());
-            h[8..].copy_from_slice(&r.sector.to_le_bytes());
-            f.mem.write_slice(&h, GuestAddress(hdr(k))).unwrap();
-            f.mem.write_slice(&[0xff], GuestAddress(status(k))).unwrap();
-            let mut chain = vec![(hdr(k), 16, 0)];
-            if r.len > 0 {
-                let flags = if r.data_writable {
-                    VRING_DESC_F_WRITE
-                } else {
-                    0
-                };
-                chain.push((buf(k), r.len, flags));
-            }
-            if r.with_status {
-                chain.push((status(k), 1, VRING_DESC_F_WRITE));
-            }
-            let base = descs.len() as u16;
-            let n = chain.len();
-            for (i, (addr, len, flags)) in chain.into_iter().enumerate() {
-                let (flags, next) = if i + 1 < n {
-                    (flags | VRING_DESC_F_NEXT, base + i as u16 + 1)
-                } else {
-                    (flags, 0)
-                };
-                descs.push(RawDescriptor::from(SplitDescriptor::new(
-                    addr,
-                    len,
-                    flags as u16,
-                    next,
-                )));
-            }
-        }
-        vq.add_desc_chains(&descs, 0).unwrap();
+        vq.add_desc_chains(&descriptors(&f.mem, reqs), 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let limits = *f.disk.limits();
         let parsed = q
@@ -507,21 +423,15 @@ mod tests {
     }
 
     fn status_of_req(f: &Fixture, k: u64) -> u8 {
-        let mut s = [0u8];
-        f.mem.read_slice(&mut s, GuestAddress(status(k))).unwrap();
-        s[0]
+        status_byte(&f.mem, k)
     }
 
     fn fill(f: &Fixture, k: u64, byte: u8, len: usize) {
-        f.mem
-            .write_slice(&vec![byte; len], GuestAddress(buf(k)))
-            .unwrap();
+        fill_buf(&f.mem, k, byte, len)
     }
 
     fn guest(f: &Fixture, k: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0; len];
-        f.mem.read_slice(&mut v, GuestAddress(buf(k))).unwrap();
-        v
+        read_buf(&f.mem, k, len)
     }
 
     #[test]

@@ -12,5 +12,7 @@ pub mod execute;
 mod ratelimit;
 pub mod request;
 pub mod server;
+#[cfg(test)]
+mod testutil;
 
 pub use server::{serve, ServeConfig, ServeError};
