@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{self, ConfigSpace};
-use super::execute::Disk;
+use super::execute::{BufPool, Disk};
 use super::request::Request;
 
 /// Guest memory as the vhost-user crates share it.
@@ -39,9 +39,10 @@ pub struct BlkBackend {
     max_queue_size: usize,
     config: Mutex<ConfigSpace>,
     event_idx: AtomicBool,
-    /// Held by a worker while it runs a batch, so that stopping a ring or
-    /// the connection can wait for requests in flight.
-    busy: Vec<Mutex<()>>,
+    /// Per queue: held by its worker while it runs a batch, so that
+    /// stopping a ring or the connection can wait for requests in flight;
+    /// it also keeps the worker's reusable buffers.
+    busy: Vec<Mutex<BufPool>>,
     /// Notifiers of the workers' exit events.
     exits: Mutex<Vec<EventNotifier>>,
     /// Set once the connection is gone: workers then touch nothing.
@@ -63,7 +64,9 @@ impl BlkBackend {
             max_queue_size: usize::from(max_queue_size),
             config: Mutex::new(config),
             event_idx: AtomicBool::new(false),
-            busy: (0..num_queues).map(|_| Mutex::new(())).collect(),
+            busy: (0..num_queues)
+                .map(|_| Mutex::new(BufPool::default()))
+                .collect(),
             exits: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             started: AtomicU64::new(0),
@@ -106,13 +109,13 @@ impl BlkBackend {
     }
 
     /// Drain a ring, one engine batch per pass, signalling once per pass.
-    fn drain(&self, vring: &Vring) -> Result<(), virtio_queue::Error> {
+    fn drain(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), virtio_queue::Error> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
                 vring.disable_notification()?;
             }
-            self.process(vring)?;
+            self.process(vring, pool)?;
             // With EVENT_IDX, re-enabling notifications tells us whether the
             // driver added buffers meanwhile; without it a kick will come.
             if !event_idx || !vring.enable_notification()? {
@@ -121,7 +124,7 @@ impl BlkBackend {
         }
     }
 
-    fn process(&self, vring: &Vring) -> Result<(), virtio_queue::Error> {
+    fn process(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), virtio_queue::Error> {
         let mem = self.mem.memory();
         let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone())?.collect();
         if chains.is_empty() {
@@ -132,7 +135,7 @@ impl BlkBackend {
             .into_iter()
             .map(|c| Request::parse(c, &limits))
             .collect();
-        let used = self.disk.run(&*mem, parsed, self.write_through());
+        let used = self.disk.run(&*mem, parsed, self.write_through(), pool);
         for u in used {
             vring.add_used(u.head, u.len)?;
         }
@@ -265,14 +268,14 @@ impl VhostUserBackend for BlkBackend {
         let Some(busy) = self.busy.get(thread_id) else {
             return Ok(());
         };
-        let _busy = busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = busy.lock().unwrap_or_else(PoisonError::into_inner);
         if self.closed.load(Ordering::Acquire) || !vring.get_ref().get_queue().ready() {
             return Ok(());
         }
         self.note_started(thread_id);
         // A broken ring is the guest's problem; returning an error here
         // would end the worker thread for good.
-        if let Err(e) = self.drain(vring) {
+        if let Err(e) = self.drain(vring, &mut pool) {
             self.disk.warn(format_args!(
                 "queue {thread_id}: cannot process the ring: {e}"
             ));

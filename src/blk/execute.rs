@@ -20,6 +20,50 @@ use crate::integrity::{Engine, EngineError, Op};
 /// A batch is cut into engine submissions of about this many data bytes,
 /// so a full ring of large requests does not hold gigabytes of buffers.
 const BATCH_BYTES: usize = 64 << 20;
+/// Buffers kept for reuse by one queue, and the largest one kept.
+const POOL_BYTES: usize = 32 << 20;
+const POOL_MAX_BUF: usize = 4 << 20;
+
+/// Data buffers a queue worker reuses from batch to batch.
+///
+/// Allocating (and zeroing, and faulting in) a fresh buffer per request
+/// costs more than the copy itself for large requests. A reused buffer
+/// keeps stale bytes from an earlier request; that is harmless because a
+/// write buffer is filled from the guest in full before use, and a read
+/// buffer reaches the guest only after the engine filled and verified it.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    free: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl BufPool {
+    /// A buffer of at least `len` bytes (its `len()`, not just capacity).
+    fn get(&mut self, len: usize) -> Vec<u8> {
+        let best = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let b = self.free.swap_remove(i);
+                self.bytes -= b.len();
+                b
+            }
+            None => vec![0; len],
+        }
+    }
+
+    fn put(&mut self, buf: Vec<u8>) {
+        if buf.len() <= POOL_MAX_BUF && self.bytes + buf.len() <= POOL_BYTES {
+            self.bytes += buf.len();
+            self.free.push(buf);
+        }
+    }
+}
 
 /// The disk as virtio-blk sees it: the engine plus what requests are
 /// checked against. Shared by every queue and every connection.
@@ -48,13 +92,16 @@ struct Job {
 
 enum Work {
     Nothing,
+    /// `buf` may be longer than `len` (pooled); only `..len` is used.
     Read {
         block: u64,
+        len: usize,
         buf: Vec<u8>,
         data: Segments,
     },
     Write {
         block: u64,
+        len: usize,
         buf: Vec<u8>,
     },
     Zero(Vec<(u64, u64)>),
@@ -68,7 +115,7 @@ enum Work {
 impl Work {
     fn bytes(&self) -> usize {
         match self {
-            Work::Read { buf, .. } | Work::Write { buf, .. } => buf.len(),
+            Work::Read { len, .. } | Work::Write { len, .. } => *len,
             _ => 0,
         }
     }
@@ -162,29 +209,35 @@ impl Disk {
         mem: &M,
         parsed: Vec<Result<Request, ParseError>>,
         write_through: bool,
+        pool: &mut BufPool,
     ) -> Vec<Used> {
         let mut used = Vec::with_capacity(parsed.len());
         let mut jobs = Vec::new();
         let mut bytes = 0;
         for p in parsed {
-            let job = self.prepare(mem, p);
+            let job = self.prepare(mem, p, pool);
             bytes += job.work.bytes();
             jobs.push(job);
             if bytes >= BATCH_BYTES {
                 self.submit(&mut jobs, write_through);
-                used.extend(jobs.drain(..).map(|j| self.finish(mem, j)));
+                used.extend(jobs.drain(..).map(|j| self.finish(mem, j, pool)));
                 bytes = 0;
             }
         }
         if !jobs.is_empty() {
             self.submit(&mut jobs, write_through);
-            used.extend(jobs.into_iter().map(|j| self.finish(mem, j)));
+            used.extend(jobs.into_iter().map(|j| self.finish(mem, j, pool)));
         }
         used
     }
 
     /// Turn a parsed request into owned buffers ready for the engine.
-    fn prepare<M: GuestMemory + ?Sized>(&self, mem: &M, p: Result<Request, ParseError>) -> Job {
+    fn prepare<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        p: Result<Request, ParseError>,
+        pool: &mut BufPool,
+    ) -> Job {
         let req = match p {
             Ok(r) => r,
             Err(e) => {
@@ -211,16 +264,18 @@ impl Disk {
             Kind::Read { len: 0, .. } | Kind::Write { len: 0, .. } => Work::Nothing,
             Kind::Read { block, len, data } => Work::Read {
                 block,
-                buf: vec![0; len],
+                len,
+                buf: pool.get(len),
                 data,
             },
             Kind::Write { block, len, data } => {
-                let mut buf = vec![0; len];
-                if let Err(e) = gather(mem, &data, &mut buf) {
+                let mut buf = pool.get(len);
+                if let Err(e) = gather(mem, &data, &mut buf[..len]) {
+                    pool.put(buf);
                     job.error = Some(e);
                     return job;
                 }
-                Work::Write { block, buf }
+                Work::Write { block, len, buf }
             }
             Kind::Zero { ranges } if ranges.is_empty() => Work::Nothing,
             Kind::Zero { ranges } => Work::Zero(ranges),
@@ -241,17 +296,19 @@ impl Disk {
             }
             modified |= job.work.modifies();
             match &mut job.work {
-                Work::Read { block, buf, .. } => {
+                Work::Read {
+                    block, len, buf, ..
+                } => {
                     ops.push(Op::Read {
                         block: *block,
-                        buf: buf.as_mut_slice(),
+                        buf: &mut buf[..*len],
                     });
                     owners.push(Some(i));
                 }
-                Work::Write { block, buf } => {
+                Work::Write { block, len, buf } => {
                     ops.push(Op::Write {
                         block: *block,
-                        data: buf.as_slice(),
+                        data: &buf[..*len],
                     });
                     owners.push(Some(i));
                 }
@@ -314,11 +371,11 @@ impl Disk {
     }
 
     /// Copy results to the guest, write the status byte, report the used length.
-    fn finish<M: GuestMemory + ?Sized>(&self, mem: &M, mut job: Job) -> Used {
+    fn finish<M: GuestMemory + ?Sized>(&self, mem: &M, mut job: Job, pool: &mut BufPool) -> Used {
         let mut written = 0u32;
         if job.error.is_none() {
             let out = match &job.work {
-                Work::Read { buf, data, .. } => Some((buf.as_slice(), data)),
+                Work::Read { len, buf, data, .. } => Some((&buf[..*len], data)),
                 Work::GetId { len, data } => Some((&self.serial[..*len], data)),
                 _ => None,
             };
@@ -329,6 +386,10 @@ impl Disk {
                     Err(e) => job.error = Some(e),
                 }
             }
+        }
+        match std::mem::replace(&mut job.work, Work::Nothing) {
+            Work::Read { buf, .. } | Work::Write { buf, .. } => pool.put(buf),
+            _ => {}
         }
         let Some(status_addr) = job.status else {
             if let Some(e) = &job.error {
@@ -375,6 +436,7 @@ impl Disk {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
     use std::sync::Arc;
 
     use virtio_bindings::bindings::virtio_blk::{
@@ -397,6 +459,8 @@ mod tests {
         data: Arc<MemDevice>,
         disk: Disk,
         mem: GuestMemoryMmap,
+        /// One pool across a test's batches, as a queue worker keeps it.
+        pool: RefCell<BufPool>,
     }
 
     fn fixture(readonly: bool) -> Fixture {
@@ -405,6 +469,7 @@ mod tests {
             data,
             disk,
             mem: guest_memory(),
+            pool: RefCell::new(BufPool::default()),
         }
     }
 
@@ -419,7 +484,8 @@ mod tests {
             .unwrap()
             .map(|c| Request::parse(c, &limits))
             .collect();
-        f.disk.run(&f.mem, parsed, write_through)
+        f.disk
+            .run(&f.mem, parsed, write_through, &mut f.pool.borrow_mut())
     }
 
     fn status_of_req(f: &Fixture, k: u64) -> u8 {
@@ -652,8 +718,27 @@ mod tests {
                 .map(|c| Request::parse(c, &limits))
                 .collect();
             let heads = parsed.len();
-            let used = f.disk.run(&f.mem, parsed, rng.gen_bool(0.2));
+            let used = f
+                .disk
+                .run(&f.mem, parsed, rng.gen_bool(0.2), &mut f.pool.borrow_mut());
             assert_eq!(used.len(), heads, "every chain is completed");
         }
+    }
+
+    #[test]
+    fn the_buffer_pool_reuses_the_smallest_fit_and_stays_bounded() {
+        let mut p = BufPool::default();
+        p.put(vec![1; 8192]);
+        p.put(vec![2; 4096]);
+        let b = p.get(4000);
+        assert_eq!((b.len(), b[0]), (4096, 2), "smallest buffer that fits");
+        let b = p.get(16384);
+        assert_eq!(b.len(), 16384, "nothing fits: a new one");
+        p.put(vec![0; POOL_MAX_BUF + 1]);
+        assert_eq!(p.free.len(), 1, "oversized buffers are not kept");
+        for _ in 0..POOL_BYTES / POOL_MAX_BUF + 2 {
+            p.put(vec![0; POOL_MAX_BUF]);
+        }
+        assert!(p.bytes <= POOL_BYTES);
     }
 }
