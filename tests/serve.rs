@@ -338,3 +338,30 @@ fn bad_arguments_are_refused() {
     ]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn sigterm_with_a_front_end_attached_stops_cleanly() {
+    let disk = Disk::new(MIB, 4096);
+    let d = disk.serve(&[]);
+    let data = pattern(0, 8192, 9);
+    let mut c = Client::connect(&disk.socket, 2);
+    c.q0().write(0, &data).expect("write");
+    assert_eq!(disk.info()["clean"], false, "serving with a write in");
+    assert!(d.terminate().success());
+    assert_eq!(disk.info()["clean"], true);
+    assert!(!disk.socket.exists());
+    drop(c);
+    let _d = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1);
+    assert_eq!(c.q0().read(0, 8192).expect("read"), data);
+}
+
+#[test]
+fn sigint_while_idle_stops_cleanly() {
+    let disk = Disk::new(MIB, 512);
+    let mut d = disk.serve(&[]);
+    d.signal(libc::SIGINT);
+    assert!(d.wait_exit().success());
+    assert!(!disk.socket.exists());
+    assert_eq!(disk.info()["clean"], true);
+}

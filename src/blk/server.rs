@@ -171,13 +171,17 @@ impl Control {
         if let Err(e) = self.wake.write(1) {
             log::warn!("cannot wake the connection loop: {e}");
         }
-        if let Some(h) = self
+        match self
             .conn
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
-            h.shutdown();
+            Some(h) => h.shutdown(),
+            // The loop may be blocked in accept() (poll saw a front-end
+            // that hung up before we accepted it): a connection of our own
+            // gets it out, and it then sees the stop request.
+            None => drop(UnixStream::connect(&self.socket)),
         }
     }
 }
@@ -431,5 +435,67 @@ impl Periodic {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::blk::testutil::mem_disk;
+
+    #[test]
+    fn periodic_writeback_writes_dirty_metadata_and_stops_promptly() {
+        let (_data, disk) = mem_disk(false);
+        let disk = Arc::new(disk);
+        // A flush forgets old checksums in memory only: dirty pages that
+        // only the write-back makes durable.
+        disk.engine().write(3, &[7u8; 4096]).unwrap();
+        disk.engine().flush().unwrap();
+        let before = disk.engine().stats().meta_syncs;
+        let p = Periodic::start(disk.clone(), Duration::from_millis(5));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while disk.engine().stats().meta_syncs == before {
+            assert!(Instant::now() < deadline, "no write-back happened");
+            thread::yield_now();
+        }
+        // Stopping does not wait out an interval.
+        let p2 = Periodic::start(disk, Duration::from_secs(3600));
+        let t = Instant::now();
+        p2.stop();
+        p.stop();
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_default_serial_is_stable_and_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        let b = dir.path().join("b.img");
+        fs::write(&a, b"x").unwrap();
+        fs::write(&b, b"y").unwrap();
+        let sa = default_serial(&a);
+        assert!(sa.len() <= ID_LEN);
+        assert_eq!(sa, default_serial(&a));
+        assert_ne!(sa, default_serial(&b));
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        let live = bind_socket(&path).expect("stale socket replaced");
+        assert!(matches!(bind_socket(&path), Err(ServeError::SocketLive(_))));
+        drop(live);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"data").unwrap();
+        assert!(matches!(bind_socket(&path), Err(ServeError::NotASocket(_))));
+        let _lock = lock_socket(&path).unwrap();
+        assert!(matches!(
+            lock_socket(&dir.path().join(".").join("s.sock")),
+            Err(ServeError::SocketLocked { .. })
+        ));
     }
 }
