@@ -112,6 +112,11 @@ impl BlkBackend {
     fn drain(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), virtio_queue::Error> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
+            // GET_VRING_BASE marks the ring not ready and then waits for us
+            // (stop_vring): stop here rather than fail on a stopped ring.
+            if !vring.get_ref().get_queue().ready() {
+                return Ok(());
+            }
             if event_idx {
                 vring.disable_notification()?;
             }
