@@ -161,6 +161,9 @@ impl Disk {
     /// current after every write.
     pub fn enter_sync_mode(&self, why: &str) {
         if self.readonly {
+            log::info!(
+                "{why}: read-only disk, its metadata is never written (synchronous mode is moot)"
+            );
             return;
         }
         match self.engine.enter_sync_mode() {
