@@ -28,10 +28,20 @@
 //! when serving with a simulated cache. An optional cache limit bounds the
 //! memory a long-running server spends on the cache; past it the device
 //! destages everything, which a real disk is free to do at any time.
+//!
+//! The atomic unit is 512 bytes unless [`VolatileDevice::with_atomic_unit`]
+//! says otherwise: a disk that reports 4096-byte logical blocks promises to
+//! write each one whole, so simulating it must not tear inside one.
+//!
+//! A server that simulates a power failure (`serve --volatile-cache`) must
+//! also make sure that nothing reaches the durable image *after* the
+//! instant of the cut, whatever requests were still in flight: a shared
+//! [`PowerSupply`], once switched off, makes every call of every device on
+//! it fail, reads included, as a disk without power answers nothing.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
@@ -39,9 +49,9 @@ use rand::{Rng, SeedableRng};
 
 use super::{check_range, Device};
 
-/// The unit a power cut keeps or drops atomically.
+/// The unit a power cut keeps or drops atomically, unless a device is
+/// built [`with_atomic_unit`](VolatileDevice::with_atomic_unit).
 pub const SECTOR_SIZE: u64 = 512;
-const SECTOR: usize = SECTOR_SIZE as usize;
 
 /// A byte vector behind a lock: the simplest durable store.
 ///
@@ -167,6 +177,44 @@ impl Fuse {
     }
 }
 
+/// Power shared by several devices, switched off for good at a power cut.
+///
+/// Unlike a [`Fuse`], which lets the code under test run on unaware, a
+/// switched-off supply makes every call of every device on it fail with an
+/// I/O error, reads included: a server keeps answering its front-end, but
+/// nothing of the old process state can reach the durable image any more.
+/// A call that was already running when the supply went off finishes (it
+/// holds the device's lock), so it counts as done before the cut.
+#[derive(Debug)]
+pub struct PowerSupply {
+    on: AtomicBool,
+}
+
+impl Default for PowerSupply {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PowerSupply {
+    /// A supply that is on.
+    pub fn new() -> Self {
+        Self {
+            on: AtomicBool::new(true),
+        }
+    }
+
+    /// Cut the power; there is no switching back (build new devices on a
+    /// new supply over the same durable stores instead).
+    pub fn switch_off(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+}
+
 /// Counters of a [`VolatileDevice`], read with [`VolatileDevice::stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VolatileStats {
@@ -190,15 +238,20 @@ pub enum Fate {
     Version { index: usize, of: usize },
 }
 
-/// What a power cut did, sector by sector.
+/// What a power cut did, atomic unit by atomic unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PowerCutReport {
-    /// `(sector number, fate)` of every sector that was un-synced, in
-    /// ascending sector order.
+    /// `(unit number, fate)` of every atomic unit (512-byte sector unless
+    /// the device has a larger unit) that was un-synced, in ascending order.
     pub sectors: Vec<(u64, Fate)>,
 }
 
 impl PowerCutReport {
+    /// Units that kept one of their cached versions.
+    pub fn kept(&self) -> usize {
+        self.sectors.len() - self.reverted()
+    }
+
     /// Sectors that lost every write since the last sync.
     pub fn reverted(&self) -> usize {
         self.count(|f| f == Fate::Durable)
@@ -229,7 +282,6 @@ enum Version {
 
 impl Version {
     fn from_sector(bytes: &[u8]) -> Self {
-        debug_assert_eq!(bytes.len(), SECTOR);
         if bytes.iter().all(|&b| b == 0) {
             Version::Zero
         } else {
@@ -244,9 +296,9 @@ impl Version {
         }
     }
 
-    fn to_sector(&self) -> Vec<u8> {
+    fn to_sector(&self, unit: usize) -> Vec<u8> {
         match self {
-            Version::Zero => vec![0; SECTOR],
+            Version::Zero => vec![0; unit],
             Version::Data(d) => d.to_vec(),
         }
     }
@@ -270,7 +322,10 @@ struct State {
 pub struct VolatileDevice {
     inner: Arc<dyn Device>,
     size: u64,
+    /// Bytes a power cut keeps or drops as one: a power of two.
+    unit: u64,
     fuse: Option<Arc<Fuse>>,
+    supply: Option<Arc<PowerSupply>>,
     /// Most cached versions before a forced destage; `None`: unbounded.
     limit: Option<usize>,
     state: Mutex<State>,
@@ -280,6 +335,7 @@ impl std::fmt::Debug for VolatileDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VolatileDevice")
             .field("size", &self.size)
+            .field("unit", &self.unit)
             .field("limit", &self.limit)
             .field("cached_sectors", &self.cached_sectors())
             .finish_non_exhaustive()
@@ -293,7 +349,9 @@ impl VolatileDevice {
         Self {
             size: inner.size(),
             inner,
+            unit: SECTOR_SIZE,
             fuse: None,
+            supply: None,
             limit: None,
             state: Mutex::new(State::default()),
         }
@@ -313,6 +371,41 @@ impl VolatileDevice {
     pub fn with_fuse(mut self, fuse: Arc<Fuse>) -> Self {
         self.fuse = Some(fuse);
         self
+    }
+
+    /// Keep or drop `bytes` at a time at a power cut instead of 512: the
+    /// logical block size a disk promises to write atomically. It must be a
+    /// power of two that divides the device size, and the cache must still
+    /// be empty.
+    pub fn with_atomic_unit(mut self, bytes: u64) -> io::Result<Self> {
+        if !bytes.is_power_of_two() || self.size % bytes != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "atomic unit {bytes} is not a power of two dividing the device size {}",
+                    self.size
+                ),
+            ));
+        }
+        if self.cached_sectors() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the atomic unit of a device with cached writes cannot change",
+            ));
+        }
+        self.unit = bytes;
+        Ok(self)
+    }
+
+    /// Refuse every call once `supply` is switched off (see [`PowerSupply`]).
+    pub fn with_power_supply(mut self, supply: Arc<PowerSupply>) -> Self {
+        self.supply = Some(supply);
+        self
+    }
+
+    /// Bytes a power cut keeps or drops as one.
+    pub fn atomic_unit(&self) -> u64 {
+        self.unit
     }
 
     /// Destage the whole cache whenever it would hold more than `versions`
@@ -352,7 +445,8 @@ impl VolatileDevice {
     /// durable content or one of its cached versions, chosen uniformly by
     /// an RNG seeded with `seed` (same seed and same history, same result).
     /// The survivors are written to the inner device and synced; the cache
-    /// is then empty and the device usable again.
+    /// is then empty and the device usable again (unless its
+    /// [`PowerSupply`] is off: then it only keeps the survivors).
     pub fn power_cut(&self, seed: u64) -> io::Result<PowerCutReport> {
         let mut rng = StdRng::seed_from_u64(seed);
         self.power_cut_with(|_, versions| rng.gen_range(0..=versions))
@@ -377,8 +471,11 @@ impl VolatileDevice {
             let fate = match choose(sector, of).min(of) {
                 0 => Fate::Durable,
                 k => {
-                    let v = &versions[k - 1];
-                    self.inner.write_at(&v.to_sector(), sector * SECTOR_SIZE)?;
+                    let at = sector * self.unit;
+                    match &versions[k - 1] {
+                        Version::Zero => self.inner.zero_range(at, self.unit)?,
+                        Version::Data(d) => self.inner.write_at(d, at)?,
+                    }
                     Fate::Version { index: k - 1, of }
                 }
             };
@@ -399,10 +496,10 @@ impl VolatileDevice {
         self.inner.read_at(&mut byte, offset)?;
         byte[0] ^= mask;
         self.inner.write_at(&byte, offset)?;
-        let at = (offset % SECTOR_SIZE) as usize;
-        if let Some(versions) = state.cache.get_mut(&(offset / SECTOR_SIZE)) {
+        let at = (offset % self.unit) as usize;
+        if let Some(versions) = state.cache.get_mut(&(offset / self.unit)) {
             for v in versions {
-                let mut sector = v.to_sector();
+                let mut sector = v.to_sector(self.unit as usize);
                 sector[at] ^= mask;
                 *v = Version::Data(sector.into());
             }
@@ -417,15 +514,20 @@ impl VolatileDevice {
         check_range(self.size, offset, data.len() as u64)?;
         let mut state = self.lock();
         self.inner.write_at(data, offset)?;
-        for_each_sector(offset, data.len() as u64, |sector, within, range| {
-            if let Some(versions) = state.cache.get_mut(&sector) {
-                for v in versions {
-                    let mut bytes = v.to_sector();
-                    bytes[within..within + range.len()].copy_from_slice(&data[range.clone()]);
-                    *v = Version::from_sector(&bytes);
+        for_each_sector(
+            self.unit,
+            offset,
+            data.len() as u64,
+            |sector, within, range| {
+                if let Some(versions) = state.cache.get_mut(&sector) {
+                    for v in versions {
+                        let mut bytes = v.to_sector(self.unit as usize);
+                        bytes[within..within + range.len()].copy_from_slice(&data[range.clone()]);
+                        *v = Version::from_sector(&bytes);
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(())
     }
 
@@ -433,6 +535,19 @@ impl VolatileDevice {
         // Every update leaves the state consistent between statements that
         // could panic, so a poisoned lock still guards a usable cache.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fail any call once the shared supply is off. Checked under the
+    /// state lock, so a cut (which takes the lock) sees every call either
+    /// finished or refused.
+    fn supplied(&self) -> io::Result<()> {
+        match &self.supply {
+            Some(s) if !s.is_on() => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the disk has lost power (simulated power cut)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a mutating call may take effect (power is on).
@@ -447,38 +562,28 @@ impl VolatileDevice {
     /// The newest content of `sector`: cached, else durable.
     fn current_sector(&self, state: &State, sector: u64) -> io::Result<Vec<u8>> {
         match state.cache.get(&sector).and_then(|v| v.last()) {
-            Some(v) => Ok(v.to_sector()),
+            Some(v) => Ok(v.to_sector(self.unit as usize)),
             None => {
-                let mut buf = vec![0; SECTOR];
-                self.inner.read_at(&mut buf, sector * SECTOR_SIZE)?;
+                let mut buf = vec![0; self.unit as usize];
+                self.inner.read_at(&mut buf, sector * self.unit)?;
                 Ok(buf)
             }
         }
     }
 
-    /// Write the newest version of every cached sector to the inner
-    /// device, coalescing adjacent sectors, then empty the cache. On error
-    /// the cache is kept: what was already written is also still cached,
-    /// which a later power cut handles correctly.
+    /// Write the newest version of every cached unit to the inner device,
+    /// coalescing adjacent units (runs of zeros become one zero-out, so a
+    /// discarded range stays a hole in a sparse image), then empty the
+    /// cache. On error the cache is kept: what was already written is also
+    /// still cached, which a later power cut handles correctly.
     fn destage(&self, state: &mut State) -> io::Result<()> {
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0u64;
-        for (&sector, versions) in &state.cache {
-            let end = run_start + (run.len() / SECTOR) as u64;
-            if !run.is_empty() && sector != end {
-                self.inner.write_at(&run, run_start * SECTOR_SIZE)?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = sector;
-            }
+        let mut run = Run::default();
+        for (&unit, versions) in &state.cache {
             if let Some(v) = versions.last() {
-                run.extend_from_slice(&v.to_sector());
+                run.push(self, unit, v)?;
             }
         }
-        if !run.is_empty() {
-            self.inner.write_at(&run, run_start * SECTOR_SIZE)?;
-        }
+        run.flush(self)?;
         state.cache.clear();
         state.versions = 0;
         Ok(())
@@ -503,8 +608,8 @@ impl VolatileDevice {
 
     /// Drop the cached versions of sectors a write-through overwrites, so
     /// that a power cut cannot resurrect them over the newer durable data.
-    fn forget_range(state: &mut State, offset: u64, len: u64) {
-        for_each_sector(offset, len, |sector, _, _| {
+    fn forget_range(&self, state: &mut State, offset: u64, len: u64) {
+        for_each_sector(self.unit, offset, len, |sector, _, _| {
             if let Some(v) = state.cache.remove(&sector) {
                 state.versions -= v.len();
             }
@@ -517,18 +622,111 @@ impl VolatileDevice {
     }
 }
 
-/// Call `f(sector, offset within sector, range within the request)` for
-/// every sector that `len` bytes at `offset` touch.
-fn for_each_sector(offset: u64, len: u64, mut f: impl FnMut(u64, usize, std::ops::Range<usize>)) {
+/// A run of adjacent units being destaged: data to write in one call, or
+/// zeros to write as one zero-out.
+#[derive(Default)]
+struct Run {
+    start: u64,
+    units: u64,
+    /// Empty for a run of zeros.
+    bytes: Vec<u8>,
+    zeros: bool,
+}
+
+impl Run {
+    fn push(&mut self, dev: &VolatileDevice, unit: u64, v: &Version) -> io::Result<()> {
+        let zeros = matches!(v, Version::Zero);
+        if self.units > 0 && (unit != self.start + self.units || zeros != self.zeros) {
+            self.flush(dev)?;
+        }
+        if self.units == 0 {
+            self.start = unit;
+            self.zeros = zeros;
+        }
+        if let Version::Data(d) = v {
+            self.bytes.extend_from_slice(d);
+        }
+        self.units += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self, dev: &VolatileDevice) -> io::Result<()> {
+        if self.units == 0 {
+            return Ok(());
+        }
+        let at = self.start * dev.unit;
+        if self.zeros {
+            dev.inner.zero_range(at, self.units * dev.unit)?;
+        } else {
+            dev.inner.write_at(&self.bytes, at)?;
+        }
+        self.bytes.clear();
+        self.units = 0;
+        Ok(())
+    }
+}
+
+/// Call `f(unit number, offset within the unit, range within the request)`
+/// for every `unit`-byte unit that `len` bytes at `offset` touch.
+fn for_each_sector(
+    unit: u64,
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(u64, usize, std::ops::Range<usize>),
+) {
     let end = offset + len;
     let mut pos = offset;
     while pos < end {
-        let sector = pos / SECTOR_SIZE;
-        let within = (pos % SECTOR_SIZE) as usize;
-        let n = (SECTOR_SIZE - within as u64).min(end - pos);
+        let sector = pos / unit;
+        let within = (pos % unit) as usize;
+        let n = (unit - within as u64).min(end - pos);
         let from = (pos - offset) as usize;
         f(sector, within, from..from + n as usize);
         pos += n;
+    }
+}
+
+impl VolatileDevice {
+    /// Cache one write or zero-out of `len` bytes at `offset`, unit by
+    /// unit; `fill(unit, within, range)` makes the new version of a unit
+    /// that the request covers only in part, from its current content.
+    fn cache_range(
+        &self,
+        state: &mut State,
+        offset: u64,
+        len: u64,
+        whole: impl Fn(std::ops::Range<usize>) -> Version,
+        part: impl Fn(&mut [u8], std::ops::Range<usize>),
+    ) -> io::Result<()> {
+        let mut result = Ok(());
+        for_each_sector(self.unit, offset, len, |unit, within, range| {
+            if result.is_err() {
+                return;
+            }
+            let v = if range.len() as u64 == self.unit {
+                whole(range)
+            } else {
+                // A partial unit: the disk reads, modifies and caches the
+                // whole unit, which is still what a power cut keeps.
+                match self.current_sector(state, unit) {
+                    Ok(mut bytes) => {
+                        part(&mut bytes[within..within + range.len()], range);
+                        Version::from_sector(&bytes)
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        return;
+                    }
+                }
+            };
+            Self::push(state, unit, v);
+        });
+        result
+    }
+
+    /// Units `len` bytes at `offset` touch.
+    fn units(&self, offset: u64, len: u64) -> u64 {
+        (offset % self.unit + len).div_ceil(self.unit)
     }
 }
 
@@ -540,21 +738,22 @@ impl Device for VolatileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         let mut state = self.lock();
+        self.supplied()?;
         state.stats.reads += 1;
         self.inner.read_at(buf, offset)?;
         if buf.is_empty() {
             return Ok(());
         }
-        // Overlay the newest cached version of every sector in range.
+        // Overlay the newest cached version of every unit in range.
         let end = offset + buf.len() as u64;
-        let first = offset / SECTOR_SIZE;
-        let last = (end - 1) / SECTOR_SIZE;
-        for (&sector, versions) in state.cache.range(first..=last) {
-            let (Some(v), start) = (versions.last(), sector * SECTOR_SIZE) else {
+        let first = offset / self.unit;
+        let last = (end - 1) / self.unit;
+        for (&unit, versions) in state.cache.range(first..=last) {
+            let (Some(v), start) = (versions.last(), unit * self.unit) else {
                 continue;
             };
             let lo = start.max(offset);
-            let hi = (start + SECTOR_SIZE).min(end);
+            let hi = (start + self.unit).min(end);
             let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
             v.copy_to(out, (lo - start) as usize);
         }
@@ -564,44 +763,28 @@ impl Device for VolatileDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         let mut state = self.lock();
+        self.supplied()?;
         if !self.powered(&mut state) {
             return Ok(());
         }
         state.stats.writes += 1;
         let len = buf.len() as u64;
-        let sectors = (offset % SECTOR_SIZE + len).div_ceil(SECTOR_SIZE);
-        if !self.make_room(&mut state, sectors)? {
-            Self::forget_range(&mut state, offset, len);
+        if !self.make_room(&mut state, self.units(offset, len))? {
+            self.forget_range(&mut state, offset, len);
             return self.inner.write_at(buf, offset);
         }
-        let mut result = Ok(());
-        for_each_sector(offset, len, |sector, within, range| {
-            if result.is_err() {
-                return;
-            }
-            let v = if range.len() == SECTOR {
-                Version::from_sector(&buf[range])
-            } else {
-                // A partial sector: the disk reads, modifies and caches the
-                // whole sector, which is still the unit a power cut keeps.
-                match self.current_sector(&state, sector) {
-                    Ok(mut bytes) => {
-                        bytes[within..within + range.len()].copy_from_slice(&buf[range]);
-                        Version::from_sector(&bytes)
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        return;
-                    }
-                }
-            };
-            Self::push(&mut state, sector, v);
-        });
-        result
+        self.cache_range(
+            &mut state,
+            offset,
+            len,
+            |range| Version::from_sector(&buf[range]),
+            |out, range| out.copy_from_slice(&buf[range]),
+        )
     }
 
     fn sync(&self) -> io::Result<()> {
         let mut state = self.lock();
+        self.supplied()?;
         if !self.powered(&mut state) {
             return Ok(());
         }
@@ -613,37 +796,43 @@ impl Device for VolatileDevice {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size, offset, len)?;
         let mut state = self.lock();
+        self.supplied()?;
         if !self.powered(&mut state) {
             return Ok(());
         }
         state.stats.zero_ranges += 1;
-        let sectors = (offset % SECTOR_SIZE + len).div_ceil(SECTOR_SIZE);
-        if !self.make_room(&mut state, sectors)? {
-            Self::forget_range(&mut state, offset, len);
+        if !self.make_room(&mut state, self.units(offset, len))? {
+            self.forget_range(&mut state, offset, len);
             return self.inner.zero_range(offset, len);
         }
-        let mut result = Ok(());
-        for_each_sector(offset, len, |sector, within, range| {
-            if result.is_err() {
-                return;
-            }
-            let v = if range.len() == SECTOR {
-                Version::Zero
-            } else {
-                match self.current_sector(&state, sector) {
-                    Ok(mut bytes) => {
-                        bytes[within..within + range.len()].fill(0);
-                        Version::from_sector(&bytes)
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        return;
-                    }
-                }
-            };
-            Self::push(&mut state, sector, v);
-        });
-        result
+        self.cache_range(
+            &mut state,
+            offset,
+            len,
+            |_| Version::Zero,
+            |out, _| out.fill(0),
+        )
+    }
+
+    /// The inner device's data regions, widened by cached units: a cached
+    /// unit may hold data where the durable image has a hole.
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let state = self.lock();
+        self.supplied()?;
+        let durable = self.inner.next_data(offset)?;
+        let cached = state
+            .cache
+            .range(offset / self.unit..)
+            .next()
+            .map(|(&unit, _)| {
+                let start = unit * self.unit;
+                (start.max(offset), start + self.unit)
+            });
+        Ok(match (durable, cached) {
+            (Some(d), Some(c)) if c.0 < d.0 => Some((c.0, c.1.min(d.0))),
+            (Some(d), _) => Some(d),
+            (None, c) => c,
+        })
     }
 }
 
@@ -651,7 +840,7 @@ impl Device for VolatileDevice {
 mod tests {
     use super::*;
 
-    const S: usize = SECTOR;
+    const S: usize = SECTOR_SIZE as usize;
 
     fn read(dev: &dyn Device, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0; len];
@@ -829,6 +1018,105 @@ mod tests {
         dev.power_cut_with(|_, _| 0).unwrap();
         assert_eq!(read(&dev, 0, 3 * S), vec![1; 3 * S]);
         assert_eq!(read(&dev, 8 * SECTOR_SIZE, 8 * S), vec![4; 8 * S]);
+    }
+
+    #[test]
+    fn a_larger_atomic_unit_is_kept_or_lost_whole() {
+        const U: usize = 4096;
+        let dev = VolatileDevice::zeroed(64 * U as u64)
+            .with_atomic_unit(U as u64)
+            .unwrap();
+        for b in 0..64u64 {
+            dev.write_at(&[b as u8 + 1; U], b * U as u64).unwrap();
+        }
+        // A partial write is a read-modify-write of its unit.
+        dev.write_at(&[0xaa; 10], 5 * U as u64 + 100).unwrap();
+        let report = dev.power_cut(3).unwrap();
+        assert_eq!(report.sectors.len(), 64, "one fate per 4096-byte unit");
+        assert!(report.kept() > 0 && report.reverted() > 0);
+        let durable = dev.durable_snapshot().unwrap();
+        for (b, chunk) in durable.chunks(U).enumerate() {
+            let first = chunk[0];
+            let torn = chunk.iter().enumerate().any(|(i, &x)| {
+                let patched = b == 5 && (100..110).contains(&i) && x == 0xaa;
+                x != first && !patched
+            });
+            assert!(!torn, "unit {b} was torn");
+        }
+        assert!(VolatileDevice::zeroed(3 * 512)
+            .with_atomic_unit(1024)
+            .is_err());
+        assert!(VolatileDevice::zeroed(4096).with_atomic_unit(3000).is_err());
+    }
+
+    #[test]
+    fn a_switched_off_supply_refuses_everything_until_devices_are_rebuilt() {
+        let supply = Arc::new(PowerSupply::new());
+        let inner: Arc<dyn Device> = Arc::new(MemDevice::new(8 * SECTOR_SIZE));
+        let dev = VolatileDevice::new(inner.clone()).with_power_supply(supply.clone());
+        dev.write_at(&[1; S], 0).unwrap();
+        dev.sync().unwrap();
+        dev.write_at(&[2; S], SECTOR_SIZE).unwrap();
+        supply.switch_off();
+        assert!(dev.write_at(&[3; S], 0).is_err());
+        assert!(dev.zero_range(0, SECTOR_SIZE).is_err());
+        assert!(dev.sync().is_err());
+        assert!(dev.read_at(&mut [0; S], 0).is_err());
+        // The cut still drops the cache into the durable store.
+        let report = dev.power_cut_with(|_, n| n).unwrap();
+        assert_eq!(report.kept(), 1);
+        assert!(dev.write_at(&[4; S], 0).is_err(), "still without power");
+        let fresh = VolatileDevice::new(inner);
+        assert_eq!(read(&fresh, 0, 2 * S), [vec![1; S], vec![2; S]].concat());
+    }
+
+    #[test]
+    fn destaged_zeros_stay_zeros_and_next_data_sees_cached_units() {
+        let dev = VolatileDevice::zeroed(16 * SECTOR_SIZE);
+        // MemDevice reports everything as data; that is the upper bound.
+        dev.write_at(&[5; 16 * S], 0).unwrap();
+        dev.sync().unwrap();
+        dev.zero_range(2 * SECTOR_SIZE, 4 * SECTOR_SIZE).unwrap();
+        dev.write_at(&[6; S], 6 * SECTOR_SIZE).unwrap();
+        dev.sync().unwrap();
+        let durable = dev.durable_snapshot().unwrap();
+        assert_eq!(&durable[2 * S..6 * S], &vec![0; 4 * S][..]);
+        assert_eq!(&durable[6 * S..7 * S], &vec![6; S][..]);
+
+        // A sparse-looking inner device: no data anywhere.
+        struct Holes(MemDevice);
+        impl Device for Holes {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.0.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                self.0.write_at(buf, offset)
+            }
+            fn sync(&self) -> io::Result<()> {
+                Ok(())
+            }
+            fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+                self.0.zero_range(offset, len)
+            }
+            fn next_data(&self, _: u64) -> io::Result<Option<(u64, u64)>> {
+                Ok(None)
+            }
+        }
+        let dev = VolatileDevice::new(Arc::new(Holes(MemDevice::new(8 * SECTOR_SIZE))));
+        assert_eq!(dev.next_data(0).unwrap(), None);
+        dev.write_at(&[1; 10], 3 * SECTOR_SIZE + 7).unwrap();
+        assert_eq!(
+            dev.next_data(SECTOR_SIZE).unwrap(),
+            Some((3 * SECTOR_SIZE, 4 * SECTOR_SIZE))
+        );
+        assert_eq!(
+            dev.next_data(3 * SECTOR_SIZE + 9).unwrap(),
+            Some((3 * SECTOR_SIZE + 9, 4 * SECTOR_SIZE))
+        );
+        assert_eq!(dev.next_data(4 * SECTOR_SIZE).unwrap(), None);
     }
 
     #[test]
