@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::fs::{self, File};
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
