@@ -198,6 +198,8 @@ pub struct Stats {
     pub zeroes_done: u64,
     pub reads_done: u64,
     pub flushes_done: u64,
+    /// Blocks written again while an earlier write to them was unflushed.
+    pub rewrites_unflushed: u64,
 }
 
 /// The model of the hot set; blocks outside it must always read as zeros.
@@ -278,6 +280,9 @@ impl Model {
         for b in start..start + len {
             let st = self.blocks.get_mut(&b).expect("hot block");
             st.busy = true;
+            if !st.since.is_empty() {
+                self.stats.rewrites_unflushed += 1;
+            }
             st.since.push(Issued {
                 content,
                 done: None,
