@@ -21,7 +21,9 @@ use vmm_sys_util::event::{
 
 use super::config::{self, ConfigSpace};
 use super::execute::{BufPool, Disk};
-use super::request::Request;
+use super::request::{ParseError, Request, RequestError};
+use crate::integrity::EngineError;
+use crate::io::volatile::PowerSupply;
 
 /// Guest memory as the vhost-user crates share it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -50,6 +52,9 @@ pub struct BlkBackend {
     /// Rings the driver has started (bit per queue), to tell a device
     /// stop (all rings stopped) and a device start (a stopped ring runs).
     started: AtomicU64,
+    /// With `serve --volatile-cache`: once this is off, every request
+    /// fails with an I/O error.
+    power: Option<Arc<PowerSupply>>,
 }
 
 impl BlkBackend {
@@ -70,7 +75,17 @@ impl BlkBackend {
             exits: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             started: AtomicU64::new(0),
+            power: None,
         }
+    }
+
+    /// Fail every request once `power` is switched off. The devices under
+    /// the engine refuse I/O by then too, but the engine completes some
+    /// requests without touching them (writes held in its write-back
+    /// stage, reads served from it): a disk without power answers nothing.
+    pub fn with_power(mut self, power: Arc<PowerSupply>) -> Self {
+        self.power = Some(power);
+        self
     }
 
     /// The connection is over: stop the workers and wait for the batches
@@ -136,9 +151,17 @@ impl BlkBackend {
             return Ok(());
         }
         let limits = *self.disk.limits();
+        let powered = self.power.as_ref().map_or(true, |p| p.is_on());
         let parsed = chains
             .into_iter()
-            .map(|c| Request::parse(c, &limits))
+            .map(|c| {
+                let r = Request::parse(c, &limits);
+                if powered {
+                    r
+                } else {
+                    r.and_then(|r| Err(lost_power(r)))
+                }
+            })
             .collect();
         let used = self.disk.run(&*mem, parsed, self.write_through(), pool);
         for u in used {
@@ -150,6 +173,18 @@ impl BlkBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// The failure of a request to a disk whose simulated power was cut.
+fn lost_power(r: Request) -> ParseError {
+    ParseError {
+        head: r.head,
+        status: Some(r.status),
+        error: RequestError::Engine(EngineError::Io {
+            what: "serving a request",
+            source: io::Error::new(io::ErrorKind::BrokenPipe, "the disk has lost power"),
+        }),
     }
 }
 

@@ -5,6 +5,15 @@
 //! metadata in synchronous mode, mark it clean, and wait for the next one
 //! (a restarted VM reattaches). SIGTERM/SIGINT end the process after the
 //! same orderly stop; SIGUSR1 switches to synchronous metadata (DESIGN §4).
+//!
+//! With `--volatile-cache` ([`power`]), SIGUSR2 cuts the simulated power:
+//! the connected front-end's disk goes dead (every request fails), and a
+//! fresh engine on what survived serves the next front-end, as a freshly
+//! started twinsum would.
+
+mod power;
+
+pub use power::VolatileCacheConfig;
 
 use std::fs;
 use std::io;
@@ -14,7 +23,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -23,11 +32,13 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::power::VolatileDisk;
 use super::backend::BlkBackend;
 use super::config;
 use super::execute::Disk;
 use super::request::ID_LEN;
 use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch};
+use crate::io::volatile::PowerSupply;
 use crate::io::{FileDevice, OpenFlags};
 use crate::meta::DeviceRef;
 
@@ -44,6 +55,8 @@ pub struct ServeConfig {
     pub serial: Option<String>,
     pub writeback_interval: Duration,
     pub on_mismatch: OnMismatch,
+    /// Simulate a disk with a volatile write cache that SIGUSR2 power-cuts.
+    pub volatile_cache: Option<VolatileCacheConfig>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -68,6 +81,8 @@ pub enum ServeError {
     Engine(#[source] EngineError),
     #[error("cannot set up signals")]
     Signals(#[source] io::Error),
+    #[error("the simulated power cut failed")]
+    PowerCut(#[source] io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
 }
@@ -80,37 +95,24 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let signals = block_signals().map_err(ServeError::Signals)?;
 
     let _socket_lock = lock_socket(&cfg.socket)?;
-    let flags = OpenFlags {
-        writable: !cfg.readonly,
-        lock: true,
-    };
-    let data: DeviceRef = Arc::new(FileDevice::open(&cfg.data, flags).map_err(ServeError::Open)?);
-    let meta: DeviceRef = Arc::new(FileDevice::open(&cfg.meta, flags).map_err(ServeError::Open)?);
-    let opts = EngineOptions {
-        on_mismatch: cfg.on_mismatch,
-        readonly: cfg.readonly,
-        ..EngineOptions::default()
-    };
-    let engine = Arc::new(Engine::open(data, meta, opts).map_err(ServeError::Engine)?);
-    if !engine.was_clean() {
-        log::warn!("metadata was not closed cleanly (crash?); both checksum slots still verify");
-    }
-    let serial = match &cfg.serial {
-        Some(s) => s.clone(),
-        None => default_serial(&cfg.data),
-    };
-    let limits = config::limits(engine.block_size(), engine.blocks());
-    let disk = Arc::new(Disk::new(engine, limits, cfg.readonly, &serial));
+    let served = Arc::new(Served::open(&cfg)?);
+    let limits = *served.current().disk.limits();
 
     let listener = bind_socket(&cfg.socket)?;
     log::info!(
-        "serving {} ({} blocks of {} bytes{}) on {}, {} queue(s), serial {serial:?}",
+        "serving {} ({} blocks of {} bytes{}) on {}, {} queue(s), serial {:?}{}",
         cfg.data.display(),
         limits.blocks,
         limits.block_size,
         if cfg.readonly { ", read-only" } else { "" },
         cfg.socket.display(),
         cfg.queues,
+        served.spec.serial,
+        if cfg.volatile_cache.is_some() {
+            ", volatile write cache"
+        } else {
+            ""
+        },
     );
 
     let control = Arc::new(Control {
@@ -119,28 +121,22 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         conn: Mutex::new(None),
         socket: cfg.socket.clone(),
     });
-    let writeback = Periodic::start(disk.clone(), cfg.writeback_interval);
+    let writeback = {
+        let served = served.clone();
+        Periodic::start(cfg.writeback_interval, move || served.writeback())
+    };
     let sig_thread = {
-        let (control, disk) = (control.clone(), disk.clone());
+        let (control, served) = (control.clone(), served.clone());
         thread::Builder::new()
             .name("signals".into())
-            .spawn(move || signal_loop(signals, &control, &disk))
+            .spawn(move || signal_loop(signals, &control, &served))
             .map_err(ServeError::Signals)?
     };
 
-    let result = serve_connections(&cfg, &disk, &control, listener);
+    let result = serve_connections(&cfg, &served, &control, listener);
 
     writeback.stop();
-    disk.make_clean("stopping");
-    let s = disk.engine().stats();
-    log::info!(
-        "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs, {} metadata syncs",
-        s.reads,
-        s.writes,
-        s.mismatches,
-        s.data_syncs,
-        s.meta_syncs
-    );
+    let result = result.and(served.stop());
     if let Err(e) = fs::remove_file(&cfg.socket) {
         log::warn!("cannot remove {}: {e}", cfg.socket.display());
     }
@@ -149,6 +145,223 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         let _ = sig_thread.join();
     }
     result
+}
+
+/// The disk a front-end gets: the engine, and with `--volatile-cache` the
+/// power supply its devices hang off.
+#[derive(Clone)]
+struct Current {
+    disk: Arc<Disk>,
+    power: Option<Arc<PowerSupply>>,
+}
+
+impl Current {
+    /// The simulated power of this disk was cut.
+    fn lost_power(&self) -> bool {
+        self.power.as_ref().is_some_and(|p| !p.is_on())
+    }
+}
+
+/// How to open the engine, at start and again after each power cut.
+struct DiskSpec {
+    opts: EngineOptions,
+    readonly: bool,
+    serial: String,
+}
+
+impl DiskSpec {
+    fn open(
+        &self,
+        (data, meta): (DeviceRef, DeviceRef),
+        power: Option<Arc<PowerSupply>>,
+    ) -> Result<Current, ServeError> {
+        let engine = Engine::open(data, meta, self.opts.clone()).map_err(ServeError::Engine)?;
+        if !engine.was_clean() {
+            log::warn!(
+                "metadata was not closed cleanly (crash?); both checksum slots still verify"
+            );
+        }
+        let limits = config::limits(engine.block_size(), engine.blocks());
+        let disk = Disk::new(Arc::new(engine), limits, self.readonly, &self.serial);
+        Ok(Current {
+            disk: Arc::new(disk),
+            power,
+        })
+    }
+}
+
+/// The disk being served. A power cut replaces it by a fresh one opened on
+/// what survived; everything that outlives one front-end (the write-back
+/// thread, signals, the final stop) reaches the disk through here.
+struct Served {
+    spec: DiskSpec,
+    state: Mutex<ServedState>,
+}
+
+struct ServedState {
+    current: Current,
+    volatile: Option<VolatileDisk>,
+    /// A power cut or the reopen after it failed: nothing is served any
+    /// more, and `serve` returns this once it has stopped.
+    failed: Option<ServeError>,
+}
+
+impl Served {
+    fn open(cfg: &ServeConfig) -> Result<Self, ServeError> {
+        let flags = OpenFlags {
+            writable: !cfg.readonly,
+            lock: true,
+        };
+        let data: DeviceRef =
+            Arc::new(FileDevice::open(&cfg.data, flags).map_err(ServeError::Open)?);
+        let meta: DeviceRef =
+            Arc::new(FileDevice::open(&cfg.meta, flags).map_err(ServeError::Open)?);
+        let spec = DiskSpec {
+            opts: EngineOptions {
+                on_mismatch: cfg.on_mismatch,
+                readonly: cfg.readonly,
+                ..EngineOptions::default()
+            },
+            readonly: cfg.readonly,
+            serial: match &cfg.serial {
+                Some(s) => s.clone(),
+                None => default_serial(&cfg.data),
+            },
+        };
+        let (current, volatile) = match &cfg.volatile_cache {
+            None => (spec.open((data, meta), None)?, None),
+            Some(v) => {
+                let v = VolatileDisk::new(data, meta, v).map_err(ServeError::Open)?;
+                (spec.open(v.devices(), Some(v.supply().clone()))?, Some(v))
+            }
+        };
+        Ok(Self {
+            spec,
+            state: Mutex::new(ServedState {
+                current,
+                volatile,
+                failed: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ServedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The disk a front-end connecting now gets.
+    fn current(&self) -> Current {
+        self.lock().current.clone()
+    }
+
+    /// Run `f` on the current disk unless its power was cut (a dead disk
+    /// writes nothing, and trying only logs errors). The lock is held, so
+    /// no cut happens while `f` runs.
+    fn with_powered(&self, f: impl FnOnce(&Disk)) {
+        let st = self.lock();
+        if st.failed.is_none() && !st.current.lost_power() {
+            f(&st.current.disk);
+        }
+    }
+
+    fn writeback(&self) {
+        self.with_powered(|d| d.writeback());
+    }
+
+    fn enter_sync_mode(&self, why: &str) {
+        self.with_powered(|d| d.enter_sync_mode(why));
+    }
+
+    /// The front-end that had `conn` went away: the orderly steps of
+    /// DESIGN §4, unless that disk lost its power meanwhile — then its
+    /// engine is dropped without writing anything, as a crashed one.
+    fn frontend_gone(&self, conn: &Current) {
+        let st = self.lock();
+        if st.failed.is_some() || conn.lost_power() {
+            log::info!(
+                "the front-end of the powered-off disk went away; its engine is dropped \
+                 without writing anything"
+            );
+            return;
+        }
+        conn.disk.enter_sync_mode("front-end disconnected");
+        conn.disk.make_clean("front-end disconnected");
+    }
+
+    /// SIGUSR2: cut the power, then open a fresh engine on what survived.
+    /// `false`: that failed and the server must stop.
+    fn power_cut(&self) -> bool {
+        let mut st = self.lock();
+        let ServedState {
+            current,
+            volatile,
+            failed,
+        } = &mut *st;
+        let Some(v) = volatile.as_mut() else {
+            log::warn!("SIGUSR2: a power cut needs serve --volatile-cache; ignoring it");
+            return true;
+        };
+        if failed.is_some() {
+            return false;
+        }
+        log::info!("SIGUSR2: cutting the power");
+        // Writes the engine completed but still holds in its own write-back
+        // stage go to the simulated cache first, so that the cut keeps or
+        // loses each of them at random like any other un-synced write
+        // rather than losing them all.
+        current.disk.engine().drain();
+        let summary = match v.cut() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("the power cut failed: {e}; stopping");
+                *failed = Some(ServeError::PowerCut(e));
+                return false;
+            }
+        };
+        log::info!("{summary}");
+        log::info!(
+            "the connected front-end (if any) now gets an I/O error for every request; \
+             power is back for the next one"
+        );
+        match self.spec.open(v.devices(), Some(v.supply().clone())) {
+            Ok(c) => {
+                *current = c;
+                log::info!(
+                    "reopened the disk on what survived the cut, as a freshly started twinsum would"
+                );
+                true
+            }
+            Err(e) => {
+                log::error!("cannot reopen the disk after the power cut: {e}; stopping");
+                *failed = Some(e);
+                false
+            }
+        }
+    }
+
+    /// Orderly stop of the current disk; the error of a failed power cut.
+    fn stop(&self) -> Result<(), ServeError> {
+        let mut st = self.lock();
+        if let Some(e) = st.failed.take() {
+            return Err(e);
+        }
+        let disk = &st.current.disk;
+        disk.make_clean("stopping");
+        let s = disk.engine().stats();
+        log::info!(
+            "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs, {} metadata syncs{}",
+            s.reads,
+            s.writes,
+            s.mismatches,
+            s.data_syncs,
+            s.meta_syncs,
+            match st.volatile.as_ref().map_or(0, VolatileDisk::cuts) {
+                0 => String::new(),
+                n => format!(" since power cut #{n}"),
+            },
+        );
+        Ok(())
+    }
 }
 
 /// What the signal thread shares with the connection loop.
@@ -188,7 +401,7 @@ impl Control {
 
 fn serve_connections(
     cfg: &ServeConfig,
-    disk: &Arc<Disk>,
+    served: &Served,
     control: &Control,
     listener: UnixListener,
 ) -> Result<(), ServeError> {
@@ -198,12 +411,13 @@ fn serve_connections(
             return Ok(());
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(
-            disk.clone(),
-            cfg.queues,
-            cfg.queue_size,
-            mem.clone(),
-        ));
+        let conn = served.current();
+        let mut backend =
+            BlkBackend::new(conn.disk.clone(), cfg.queues, cfg.queue_size, mem.clone());
+        if let Some(p) = &conn.power {
+            backend = backend.with_power(p.clone());
+        }
+        let backend = Arc::new(backend);
         let mut daemon = VhostUserDaemon::new("twinsum".into(), backend.clone(), mem)
             .map_err(|e| ServeError::Vhost(e.to_string()))?;
         daemon
@@ -228,8 +442,7 @@ fn serve_connections(
         // connection's rings again.
         backend.close();
         drop(daemon);
-        disk.enter_sync_mode("front-end disconnected");
-        disk.make_clean("front-end disconnected");
+        served.frontend_gone(&conn);
     }
 }
 
@@ -358,6 +571,7 @@ fn block_signals() -> io::Result<libc::sigset_t> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {
@@ -368,7 +582,7 @@ fn block_signals() -> io::Result<libc::sigset_t> {
 
 /// Synchronous signal handling: sigwait in an ordinary thread, so the
 /// work a signal triggers is ordinary code, not a signal handler.
-fn signal_loop(set: libc::sigset_t, control: &Control, disk: &Disk) {
+fn signal_loop(set: libc::sigset_t, control: &Control, served: &Served) {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is an initialised sigset_t and `sig` a live c_int.
@@ -378,7 +592,12 @@ fn signal_loop(set: libc::sigset_t, control: &Control, disk: &Disk) {
             return;
         }
         match sig {
-            libc::SIGUSR1 => disk.enter_sync_mode("SIGUSR1"),
+            libc::SIGUSR1 => served.enter_sync_mode("SIGUSR1"),
+            // The guard runs the cut; a failed one leaves nothing to serve.
+            libc::SIGUSR2 if !served.power_cut() => {
+                control.request_stop();
+                return;
+            }
             libc::SIGTERM | libc::SIGINT => {
                 let name = if sig == libc::SIGTERM {
                     "SIGTERM"
@@ -401,7 +620,8 @@ struct Periodic {
 }
 
 impl Periodic {
-    fn start(disk: Arc<Disk>, interval: Duration) -> Self {
+    /// Call `tick` every `interval` until stopped.
+    fn start(interval: Duration, tick: impl Fn() + Send + 'static) -> Self {
         let state = Arc::new((Mutex::new(false), Condvar::new()));
         let st = state.clone();
         let thread = thread::Builder::new()
@@ -416,7 +636,7 @@ impl Periodic {
                     return;
                 }
                 drop(stopped);
-                disk.writeback();
+                tick();
             });
         let thread = match thread {
             Ok(t) => Some(t),
@@ -454,14 +674,15 @@ mod tests {
         disk.engine().write(3, &[7u8; 4096]).unwrap();
         disk.engine().flush().unwrap();
         let before = disk.engine().stats().meta_syncs;
-        let p = Periodic::start(disk.clone(), Duration::from_millis(5));
+        let d = disk.clone();
+        let p = Periodic::start(Duration::from_millis(5), move || d.writeback());
         let deadline = Instant::now() + Duration::from_secs(30);
         while disk.engine().stats().meta_syncs == before {
             assert!(Instant::now() < deadline, "no write-back happened");
             thread::yield_now();
         }
         // Stopping does not wait out an interval.
-        let p2 = Periodic::start(disk, Duration::from_secs(3600));
+        let p2 = Periodic::start(Duration::from_secs(3600), move || disk.writeback());
         let t = Instant::now();
         p2.stop();
         p.stop();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use twinsum::blk::backend::MAX_QUEUES;
 use twinsum::blk::request::ID_LEN;
+use twinsum::blk::server::VolatileCacheConfig;
 use twinsum::blk::{serve, ServeConfig};
 use twinsum::integrity::OnMismatch;
 
@@ -41,7 +42,36 @@ pub struct ServeArgs {
     /// What a read that matches neither checksum does.
     #[arg(long, value_enum, default_value_t = MismatchArg::Error)]
     on_mismatch: MismatchArg,
+    /// Crash testing: simulate a disk with a volatile write cache.
+    ///
+    /// Every write that no flush has made durable (data and metadata alike)
+    /// stays in this process's memory; a guest FLUSH really syncs the
+    /// files. SIGUSR2 cuts the power: each un-synced data block (at the
+    /// logical block size the guest sees, which the disk writes atomically)
+    /// and each un-synced 512-byte metadata sector is kept or lost at
+    /// random, the connected front-end gets an I/O error for every request
+    /// from then on, and the next front-end finds the disk as it would be
+    /// after the power came back. The seed of each cut is logged.
+    #[arg(long, conflicts_with = "readonly")]
+    volatile_cache: bool,
+    /// With --volatile-cache: MiB of un-synced writes each cache (data,
+    /// metadata) holds before it writes them all out, as a disk may.
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 256,
+        requires = "volatile_cache"
+    )]
+    volatile_cache_limit: u64,
+    /// With --volatile-cache: the seed of the first power cut (cut k uses
+    /// N + k - 1), to replay a logged cut [default: random, logged].
+    #[arg(long, value_name = "N", requires = "volatile_cache")]
+    power_cut_seed: Option<u64>,
 }
+
+/// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
+/// memory, and small enough that the byte count cannot overflow.
+const MAX_CACHE_MIB: u64 = 1 << 20;
 
 /// `--on-mismatch` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +106,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.writeback_interval == 0 {
             bail!("--writeback-interval must be at least 1 second");
         }
+        if a.volatile_cache_limit == 0 || a.volatile_cache_limit > MAX_CACHE_MIB {
+            bail!(
+                "--volatile-cache-limit must be between 1 and {MAX_CACHE_MIB} MiB, not {}",
+                a.volatile_cache_limit
+            );
+        }
         Ok(ServeConfig {
             socket: a.socket,
             data: a.data,
@@ -89,6 +125,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 MismatchArg::Error => OnMismatch::Error,
                 MismatchArg::Log => OnMismatch::Log,
             },
+            volatile_cache: a.volatile_cache.then_some(VolatileCacheConfig {
+                limit_bytes: a.volatile_cache_limit << 20,
+                seed: a.power_cut_seed,
+            }),
         })
     }
 }
