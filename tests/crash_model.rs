@@ -322,6 +322,9 @@ impl<'f> Case<'f> {
                 trace!(self, "power fails after {allowed} more device writes/syncs");
                 self.step(&engine, Some(&fuse))?;
             }
+            // Power off first: nothing the engine does from here on (a
+            // background thread, its drop) may reach the devices.
+            fuse.arm(0);
             let (d, m) = self.power_cut(&data, &meta)?;
             drop(engine);
             data_img = d;
@@ -973,6 +976,8 @@ struct Rig {
     blocks: u64,
     data: Arc<VolatileDevice>,
     meta: Arc<VolatileDevice>,
+    /// The power switch of both devices.
+    fuse: Arc<Fuse>,
     engine: Engine,
     /// What each block holds.
     contents: Vec<Content>,
@@ -989,7 +994,11 @@ impl Rig {
         let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
         let sb = Superblock::new(bs as u32, blocks * bs as u64, salt).unwrap();
         Metadata::create(meta.clone(), sb, 4).unwrap();
-        let data = Arc::new(VolatileDevice::zeroed(blocks * bs as u64));
+        let fuse = Arc::new(Fuse::new());
+        let meta = Arc::new(
+            VolatileDevice::from_bytes(meta.durable_snapshot().unwrap()).with_fuse(fuse.clone()),
+        );
+        let data = Arc::new(VolatileDevice::zeroed(blocks * bs as u64).with_fuse(fuse.clone()));
         let engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
         let zeros: Content = vec![0u8; bs].into();
         let mut rig = Self {
@@ -998,6 +1007,7 @@ impl Rig {
             blocks,
             data,
             meta,
+            fuse,
             engine,
             contents: vec![zeros; blocks as usize],
             next_id: 1,
@@ -1048,17 +1058,41 @@ impl Rig {
     /// Crash (losing whatever is un-synced, chosen by the RNG) and reopen
     /// from the surviving state.
     fn crash_and_reopen(&mut self) {
+        self.fuse.arm(0);
         self.data.power_cut(self.rng.gen()).unwrap();
         self.meta.power_cut(self.rng.gen()).unwrap();
-        let data = Arc::new(VolatileDevice::from_bytes(
-            self.data.durable_snapshot().unwrap(),
-        ));
-        let meta = Arc::new(VolatileDevice::from_bytes(
-            self.meta.durable_snapshot().unwrap(),
-        ));
+        self.fuse = Arc::new(Fuse::new());
+        let data = Arc::new(
+            VolatileDevice::from_bytes(self.data.durable_snapshot().unwrap())
+                .with_fuse(self.fuse.clone()),
+        );
+        let meta = Arc::new(
+            VolatileDevice::from_bytes(self.meta.durable_snapshot().unwrap())
+                .with_fuse(self.fuse.clone()),
+        );
         self.engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
         self.data = data;
         self.meta = meta;
+    }
+
+    /// Wait until block `b` holds its content on the data device: an
+    /// engine may complete a write before issuing it (a write-back stage),
+    /// and damage injected before that would simply be overwritten.
+    fn landed(&self, b: u64) {
+        let mut buf = vec![0u8; self.bs];
+        let t = Instant::now();
+        loop {
+            self.data.read_at(&mut buf, b * self.bs as u64).unwrap();
+            if buf[..] == self.contents[b as usize][..] {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "seed {}: the write of block {b} never reached the data device",
+                self.seed
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Read every block: exactly the blocks in `bad` must fail with a
@@ -1120,6 +1154,7 @@ fn bit_flip_in_a_pending_block_is_caught() {
         let k = rig.rng.gen_range(0..rig.blocks);
         let c = rig.fresh();
         rig.write(k, c);
+        rig.landed(k);
         let offset = k * rig.bs as u64 + rig.rng.gen_range(0..rig.bs as u64);
         rig.data
             .corrupt_flip_bit(offset, rig.rng.gen_range(0..8))
@@ -1400,6 +1435,7 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
         if fuse.tripped() {
             Figures::add(&figures.mid_op_crashes, 1);
         }
+        fuse.arm(0);
         data.power_cut(rng.gen()).map_err(|e| e.to_string())?;
         meta.power_cut(rng.gen()).map_err(|e| e.to_string())?;
         Figures::add(&figures.crashes, 1);
@@ -1751,8 +1787,12 @@ fn discard_in_flight_racing_a_write_and_flush_of_the_same_block() {
         let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
         let sb = Superblock::new(bs as u32, blocks * bs as u64, 7).unwrap();
         Metadata::create(meta.clone(), sb, 4).unwrap();
+        let fuse = Arc::new(Fuse::new());
+        let meta = Arc::new(
+            VolatileDevice::from_bytes(meta.durable_snapshot().unwrap()).with_fuse(fuse.clone()),
+        );
         let data = Arc::new(PausingDevice {
-            inner: Arc::new(VolatileDevice::zeroed(blocks * bs as u64)),
+            inner: Arc::new(VolatileDevice::zeroed(blocks * bs as u64).with_fuse(fuse.clone())),
             armed: AtomicBool::new(true),
             state: Mutex::new((false, false)),
             changed: std::sync::Condvar::new(),
@@ -1792,6 +1832,7 @@ fn discard_in_flight_racing_a_write_and_flush_of_the_same_block() {
             live.unwrap_err()
         );
         // And after a power cut, from whatever the devices kept.
+        fuse.arm(0);
         data.inner.power_cut(1).unwrap();
         meta.power_cut(2).unwrap();
         let engine = Engine::open(
