@@ -314,8 +314,8 @@ fn kill9_rounds(bs: u64) {
          {} writes issued ({} completed, {} write-zeroes), {} rewrites of unflushed blocks, \
          {} flushes, {} live reads, {} requests before the kills \
          ({} kills before any write reached the image), {} hot blocks unflushed at a kill; \
-         {} blocks verified: {} flushed, {} last completed, {} in flight, \
-         {} older than a completed write",
+         {} blocks verified: {} as last flushed (or never written), {} last completed, \
+         {} in flight, {} older than a completed write",
         tally.rounds,
         start.elapsed().as_secs_f64(),
         clusters.iter().map(|c| c.1).sum::<u64>(),
