@@ -188,8 +188,8 @@ pub struct Backend {
 
 impl Backend {
     /// Format a fresh disk (twinsum: with `block_size` bytes per block)
-    /// and serve it.
-    fn start(kind: BackendKind, block_size: u32) -> Result<Self, String> {
+    /// and serve it; `serve_args` are added to `twinsum serve`.
+    fn start(kind: BackendKind, block_size: u32, serve_args: &[&str]) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("twinsum-guest-")
             .tempdir()
@@ -211,12 +211,9 @@ impl Backend {
                     &block_size.to_string(),
                 ])?;
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsum"));
-                cmd.args(["serve", "--socket", path_str(&socket)?]).args([
-                    "--data",
-                    path_str(&img)?,
-                    "--meta",
-                    path_str(&meta)?,
-                ]);
+                cmd.args(["serve", "--socket", path_str(&socket)?])
+                    .args(["--data", path_str(&img)?, "--meta", path_str(&meta)?])
+                    .args(serve_args);
                 if std::env::var_os("RUST_LOG").is_none() {
                     // The tests read the info-level lines (synchronous mode).
                     cmd.env("RUST_LOG", "info");
@@ -323,19 +320,25 @@ impl Backend {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// SIGTERM, then wait for the exit.
-    pub fn terminate(&mut self) -> Result<ExitStatus, String> {
+    /// Send `sig` to the backend.
+    pub fn signal(&mut self, sig: libc::c_int) -> Result<(), String> {
+        if !self.is_running() {
+            return Err(format!("cannot send signal {sig}: the backend has exited"));
+        }
         let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
         // SAFETY: kill(2) takes plain integers; `pid` is our own child, which
         // has not been reaped yet (we hold its `Child`), so it names no
         // other process.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        let rc = unsafe { libc::kill(pid, sig) };
         if rc != 0 {
-            return Err(format!(
-                "kill(SIGTERM): {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(format!("kill({sig}): {}", std::io::Error::last_os_error()));
         }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> Result<ExitStatus, String> {
+        self.signal(libc::SIGTERM)?;
         wait_child(&mut self.child, BACKEND_TIMEOUT)
             .ok_or_else(|| format!("backend still running {BACKEND_TIMEOUT:?} after SIGTERM"))
     }
@@ -507,6 +510,12 @@ impl Session {
     /// `start`, with twinsum's block size (and so the guest's logical block
     /// size) set to `block_size`.
     pub fn start_with_block_size(name: &str, block_size: u32) -> Option<Self> {
+        Self::start_with(name, block_size, &[])
+    }
+
+    /// `start_with_block_size`, with `serve_args` added to `twinsum serve`
+    /// (ignored for qemu-storage-daemon).
+    pub fn start_with(name: &str, block_size: u32, serve_args: &[&str]) -> Option<Self> {
         if find_in_path(QEMU).is_none() {
             eprintln!(
                 "SKIPPED guest test {name}: {QEMU} is not installed \
@@ -515,7 +524,7 @@ impl Session {
             return None;
         }
         let kind = BackendKind::from_env();
-        let backend = Backend::start(kind, block_size)
+        let backend = Backend::start(kind, block_size, serve_args)
             .unwrap_or_else(|e| panic!("guest test {name}: backend failed to start: {e}"));
         if kind != BackendKind::Twinsum {
             eprintln!(
@@ -629,6 +638,35 @@ impl Session {
             None => Err("no guest console to write to".to_owned()),
         };
         self.check(sent);
+    }
+
+    /// Pull the plug: SIGKILL the running QEMU (no shutdown of any kind
+    /// reaches the guest or the backend) and wait for it to go.
+    pub fn kill_guest(&mut self) {
+        let Some(mut guest) = self.guest.take() else {
+            self.fail("no guest to kill");
+        };
+        let _ = guest.child.kill();
+        let _ = guest.child.wait();
+        self.old_consoles.push_str(&guest.console.text());
+    }
+
+    /// Every complete `@@TWINSUM WHAT ARGS@@` marker the running guest (or,
+    /// after `kill_guest`, the guests so far) printed: the ARGS of each.
+    pub fn markers(&self, what: &str) -> Vec<String> {
+        let start = format!("@@TWINSUM {what} ");
+        let console = self.console();
+        console
+            .match_indices(&start)
+            .filter_map(|(at, m)| {
+                let rest = &console[at + m.len()..];
+                let end = rest.find("@@")?;
+                // A marker cut short by the kill has no closing @@ before
+                // the next line.
+                let args = &rest[..end];
+                (!args.contains('\n')).then(|| args.to_owned())
+            })
+            .collect()
     }
 
     /// Wait for the test's PASS marker and for QEMU to exit on its own

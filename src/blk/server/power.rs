@@ -77,7 +77,7 @@ impl fmt::Display for CutSummary {
         if self.destages > 0 {
             write!(
                 f,
-                "; the cache limit forced {} full destage(s) since the last cut",
+                "; before it, the cache limit forced {} full destage(s)",
                 self.destages
             )?;
         }
