@@ -43,6 +43,10 @@ struct Tally {
     /// Kills that left the superblock clean: no write had reached the
     /// image yet.
     clean_kills: usize,
+    /// Rounds with a SIGUSR1 (synchronous mode) before the kill.
+    usr1_rounds: usize,
+    /// ... of which waited for synchronous mode before writing on.
+    strict_rounds: usize,
     blocks_verified: u64,
     /// Indexed like `verdict_index`.
     verdicts: [u64; 4],
@@ -94,13 +98,28 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// A guest shutdown signal before the kill.
+#[derive(Clone, Copy)]
+struct Usr1 {
+    at: u64,
+    then: u64,
+    strict: bool,
+}
+
 /// Run the load on two queues until `target` requests completed, SIGKILL
 /// the daemon, stop the client. Returns the completed request count.
+/// With `usr1: Some(u)`, send SIGUSR1 (guest shutdown: write out all
+/// metadata, then synchronous mode) once `u.at` requests completed, and
+/// kill `u.then` requests later; if `u.strict`, count those from when the
+/// daemon says it is in synchronous mode, from which on a completed write
+/// must survive the kill.
+#[allow(clippy::too_many_arguments)]
 fn run_until_killed(
     disk: &Disk,
     daemon: &mut Daemon,
     model: &Mutex<Model>,
     shape: Shape,
+    usr1: Option<Usr1>,
     target: u64,
     rng: &mut Rng,
     ctx: &str,
@@ -126,18 +145,30 @@ fn run_until_killed(
             })
             // The client is dropped here, after its backend died.
         });
-        poll("the client to reach the kill point", || {
+        let reached = |n: u64| {
             let ops = ctl.ops.load(Ordering::SeqCst);
             let writes = ctl.writes.load(Ordering::SeqCst);
             let ended = ctl.ended.load(Ordering::SeqCst) > 0;
-            ((ops >= target && writes >= 1) || ended).then_some(())
-        });
+            ((ops >= n && writes >= 1) || ended).then_some(())
+        };
+        let mut target = target;
+        if let Some(u) = usr1 {
+            poll("the client to reach the SIGUSR1 point", || reached(u.at));
+            daemon.signal(libc::SIGUSR1);
+            if u.strict {
+                daemon.wait_for_log("SIGUSR1: metadata is now written synchronously");
+                model.lock().expect("model").set_synchronous(true);
+            }
+            target = ctl.ops.load(Ordering::SeqCst) + u.then;
+        }
+        poll("the client to reach the kill point", || reached(target));
         daemon.signal(libc::SIGKILL);
         ctl.stop.store(true, Ordering::SeqCst);
         client
             .join()
             .unwrap_or_else(|_| vec![Err("client thread panicked".into())])
     });
+    model.lock().expect("model").set_synchronous(false);
     let status = daemon.wait_exit();
     for r in results {
         if let Err(e) = r {
@@ -275,8 +306,27 @@ fn kill9_rounds(bs: u64) {
         } else {
             rng.range(8, 4000)
         };
+        // Now and then a guest shutdown signal first, and the kill while
+        // the metadata is written out or in synchronous mode (slow: keep
+        // that part short).
+        let usr1 = rng.pct(20).then(|| Usr1 {
+            at: target,
+            then: rng.range(0, 200),
+            strict: rng.pct(50),
+        });
         let flushes_before = model.lock().expect("model").stats.flushes_done;
-        let ops = run_until_killed(&disk, &mut daemon, &model, shape, target, &mut rng, &ctx);
+        let ops = run_until_killed(
+            &disk,
+            &mut daemon,
+            &model,
+            shape,
+            usr1,
+            target,
+            &mut rng,
+            &ctx,
+        );
+        tally.usr1_rounds += usize::from(usr1.is_some());
+        tally.strict_rounds += usize::from(usr1.is_some_and(|u| u.strict));
         let killed_log = daemon.log();
         tally.ops_at_kill += ops;
         tally.unflushed_at_kill += model.lock().expect("model").unflushed_blocks();
@@ -310,18 +360,24 @@ fn kill9_rounds(bs: u64) {
     let st = model.lock().expect("model").stats;
     let v = tally.verdicts;
     eprintln!(
-        "kill9 bs={bs} seed {base:#x}: {} rounds in {:.1}s, hot set {} blocks; \
-         {} writes issued ({} completed, {} write-zeroes), {} rewrites of unflushed blocks, \
+        "kill9 bs={bs} seed {base:#x}: {} rounds ({} with SIGUSR1 first, {} of them \
+         checked for synchronous durability) in {:.1}s, \
+         hot set {} blocks; \
+         {} writes issued ({} completed, {} write-zeroes, {} completed in synchronous mode), \
+         {} rewrites of unflushed blocks, \
          {} flushes, {} live reads, {} requests before the kills \
          ({} kills before any write reached the image), {} hot blocks unflushed at a kill; \
          {} blocks verified: {} as last flushed (or never written), {} last completed, \
          {} in flight, {} older than a completed write",
         tally.rounds,
+        tally.usr1_rounds,
+        tally.strict_rounds,
         start.elapsed().as_secs_f64(),
         clusters.iter().map(|c| c.1).sum::<u64>(),
         st.writes_issued,
         st.writes_done,
         st.zeroes_done,
+        st.synchronous_done,
         st.rewrites_unflushed,
         st.flushes_done,
         st.reads_done,

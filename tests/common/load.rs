@@ -179,6 +179,9 @@ pub fn parse_block(buf: &[u8], seed: u64, block: u64) -> Result<Content, String>
 #[derive(Clone, Debug)]
 struct Issued {
     content: Content,
+    /// Issued while the backend was known to be in synchronous mode: once
+    /// completed, it is durable (DESIGN §4).
+    synchronous: bool,
     /// Completion stamp, once the completion was seen.
     done: Option<u64>,
 }
@@ -200,6 +203,8 @@ pub struct Stats {
     pub flushes_done: u64,
     /// Blocks written again while an earlier write to them was unflushed.
     pub rewrites_unflushed: u64,
+    /// Writes (and write-zeroes) completed in known synchronous mode.
+    pub synchronous_done: u64,
 }
 
 /// The model of the hot set; blocks outside it must always read as zeros.
@@ -211,6 +216,9 @@ pub struct Model {
     blocks: BTreeMap<u64, BlockState>,
     stamp: u64,
     next_id: u64,
+    /// The backend is in synchronous mode: writes issued now are durable
+    /// once completed.
+    synchronous: bool,
     pub stats: Stats,
 }
 
@@ -253,8 +261,15 @@ impl Model {
             stamp: 0,
             // Start ids away from 0 so an id never looks like zeros.
             next_id: 1,
+            synchronous: false,
             stats: Stats::default(),
         }
+    }
+
+    /// From now on (until `set_synchronous(false)`), writes are issued to a
+    /// backend known to be in synchronous mode.
+    pub fn set_synchronous(&mut self, on: bool) {
+        self.synchronous = on;
     }
 
     pub fn is_hot(&self, block: u64) -> bool {
@@ -285,6 +300,7 @@ impl Model {
             }
             st.since.push(Issued {
                 content,
+                synchronous: self.synchronous,
                 done: None,
             });
         }
@@ -294,11 +310,15 @@ impl Model {
 
     fn end_write(&mut self, start: u64, len: u64, zero: bool) {
         self.stamp += 1;
+        let mut synchronous = false;
         for b in start..start + len {
             let st = self.blocks.get_mut(&b).expect("hot block");
             st.busy = false;
-            st.since.last_mut().expect("issued write").done = Some(self.stamp);
+            let w = st.since.last_mut().expect("issued write");
+            w.done = Some(self.stamp);
+            synchronous = w.synchronous;
         }
+        self.stats.synchronous_done += u64::from(synchronous);
         if zero {
             self.stats.zeroes_done += 1;
         } else {
@@ -386,6 +406,18 @@ impl Model {
                 ));
             }
         };
+        // A completed write issued in synchronous mode is durable: the
+        // block may not hold anything older.
+        let first = usize::try_from(found + 1).expect("found >= -1");
+        if let Some(w) = st.since[first..]
+            .iter()
+            .find(|w| w.synchronous && w.done.is_some())
+        {
+            return Err(format!(
+                "block {block} holds {got}, older than {} which completed in synchronous mode",
+                w.content
+            ));
+        }
         Ok(match found.cmp(&latest_done) {
             std::cmp::Ordering::Less => Verdict::OlderThanCompleted,
             std::cmp::Ordering::Equal if found == -1 => Verdict::Durable,
