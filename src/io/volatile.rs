@@ -21,8 +21,12 @@
 //! Crash tests usually also want to cut power *in the middle* of an
 //! operation: a shared [`Fuse`] lets a fixed number of further mutating
 //! calls (writes, zero-outs, syncs) through, across every device sharing it,
-//! and silently drops all later ones — the state of both devices at the
-//! instant the power failed, while the code under test runs on unaware.
+//! and then marks the instant the power failed. Each device freezes its
+//! state (durable image and cache) at that instant; the code under test
+//! runs on unaware against a device that still behaves consistently (reads
+//! see its later writes, as they would on a disk that has power), and the
+//! next [`VolatileDevice::power_cut`] starts from the frozen state, so
+//! nothing done after the instant survives.
 //!
 //! The inner device is any [`Device`]: a [`MemDevice`] in tests, a file
 //! when serving with a simulated cache. An optional cache limit bounds the
@@ -125,9 +129,10 @@ impl Device for MemDevice {
 ///
 /// Disarmed it lets everything through. Armed with `n`, it lets the next
 /// `n` mutating calls (write, zero-out, sync — counted across every device
-/// holding it) take effect and drops every later one silently, reporting
-/// success: the caller cannot tell, exactly as it could not tell at a real
-/// power failure. Reads are never affected.
+/// holding it) count, and every later one happens after the power failed:
+/// it still takes effect for the running code (which cannot tell, as it
+/// could not at a real power failure), but not for the next power cut,
+/// which starts from each device's state at the failure.
 #[derive(Debug)]
 pub struct Fuse {
     // u64::MAX: disarmed; 0: tripped; otherwise calls left before the cut.
@@ -160,7 +165,8 @@ impl Fuse {
         self.remaining.store(DISARMED, Ordering::SeqCst);
     }
 
-    /// Whether the power has been cut (some call was, or would be, dropped).
+    /// Whether the power has failed (the next mutating call, if any, comes
+    /// after the failure).
     pub fn tripped(&self) -> bool {
         self.remaining.load(Ordering::SeqCst) == 0
     }
@@ -222,8 +228,9 @@ pub struct VolatileStats {
     pub writes: u64,
     pub zero_ranges: u64,
     pub syncs: u64,
-    /// Mutating calls dropped because the [`Fuse`] had tripped.
-    pub dropped: u64,
+    /// Mutating calls made after the [`Fuse`] tripped: visible to reads,
+    /// lost at the next power cut.
+    pub after_cut: u64,
     /// Times the cache limit forced a full destage.
     pub destages: u64,
     pub power_cuts: u64,
@@ -311,7 +318,18 @@ struct State {
     cache: BTreeMap<u64, Vec<Version>>,
     /// Total versions in `cache`, checked against the limit.
     versions: usize,
+    /// The device as it was when the fuse tripped, if it has since been
+    /// changed: what the next power cut starts from.
+    frozen: Option<Frozen>,
     stats: VolatileStats,
+}
+
+/// A copy of the durable image and the cache at the instant of a power
+/// failure.
+#[derive(Debug)]
+struct Frozen {
+    durable: Vec<u8>,
+    cache: BTreeMap<u64, Vec<Version>>,
 }
 
 /// A [`Device`] whose writes sit in a volatile cache until `sync`.
@@ -367,7 +385,9 @@ impl VolatileDevice {
         Self::new(Arc::new(MemDevice::new(size)))
     }
 
-    /// Route every mutating call through `fuse` (see [`Fuse`]).
+    /// Route every mutating call through `fuse` (see [`Fuse`]). The first
+    /// call after it trips copies the whole device once, so this is for
+    /// test-sized images.
     pub fn with_fuse(mut self, fuse: Arc<Fuse>) -> Self {
         self.fuse = Some(fuse);
         self
@@ -433,9 +453,14 @@ impl VolatileDevice {
     }
 
     /// The durable image (what a power cut that loses every cached write
-    /// would leave), read from the inner device.
+    /// would leave), read from the inner device. While the fuse is tripped
+    /// it is the image as of the failure: calls made since (say a sync by
+    /// a thread of the dead process right after a power cut) do not count.
     pub fn durable_snapshot(&self) -> io::Result<Vec<u8>> {
-        let _state = self.lock();
+        let state = self.lock();
+        if let Some(frozen) = &state.frozen {
+            return Ok(frozen.durable.clone());
+        }
         let mut buf = vec![0; self.size as usize];
         self.inner.read_at(&mut buf, 0)?;
         Ok(buf)
@@ -464,8 +489,17 @@ impl VolatileDevice {
         let mut state = self.lock();
         state.stats.power_cuts += 1;
         let mut report = PowerCutReport::default();
-        let cache = std::mem::take(&mut state.cache);
+        let live = std::mem::take(&mut state.cache);
         state.versions = 0;
+        // After a fuse trip, go back to the instant of the failure:
+        // everything done since never happened as far as the media know.
+        let cache = match state.frozen.take() {
+            Some(frozen) => {
+                self.inner.write_at(&frozen.durable, 0)?;
+                frozen.cache
+            }
+            None => live,
+        };
         for (sector, versions) in cache {
             let of = versions.len();
             let fate = match choose(sector, of).min(of) {
@@ -487,7 +521,8 @@ impl VolatileDevice {
 
     /// Flip bit `bit` (0–7) of the byte at `offset`, in the durable image
     /// and in every cached version of its sector: whatever a later read or
-    /// power cut yields carries the flip. Bypasses the fuse and counters.
+    /// power cut yields carries the flip. Bypasses the fuse and counters
+    /// (and does not reach a state frozen by a tripped fuse).
     pub fn corrupt_flip_bit(&self, offset: u64, bit: u8) -> io::Result<()> {
         check_range(self.size, offset, 1)?;
         let mask = 1u8 << (bit & 7);
@@ -509,7 +544,8 @@ impl VolatileDevice {
 
     /// Overwrite `data.len()` bytes at `offset` in the durable image and in
     /// every cached version of the sectors it touches (fault injection:
-    /// misdirected or lost writes). Bypasses the fuse and counters.
+    /// misdirected or lost writes). Bypasses the fuse and counters (and
+    /// does not reach a state frozen by a tripped fuse).
     pub fn corrupt_write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         check_range(self.size, offset, data.len() as u64)?;
         let mut state = self.lock();
@@ -550,13 +586,24 @@ impl VolatileDevice {
         }
     }
 
-    /// Whether a mutating call may take effect (power is on).
-    fn powered(&self, state: &mut State) -> bool {
-        let on = self.fuse.as_ref().map_or(true, |f| f.pass());
-        if !on {
-            state.stats.dropped += 1;
+    /// Account for a mutating call with the fuse. The first one after the
+    /// power failed freezes the device as it was at the failure (nothing
+    /// changed it between the failure and this call: every change passes
+    /// here first). The call itself then proceeds on the live state.
+    fn count_call(&self, state: &mut State) -> io::Result<()> {
+        if self.fuse.as_ref().map_or(true, |f| f.pass()) {
+            return Ok(());
         }
-        on
+        state.stats.after_cut += 1;
+        if state.frozen.is_none() {
+            let mut durable = vec![0; self.size as usize];
+            self.inner.read_at(&mut durable, 0)?;
+            state.frozen = Some(Frozen {
+                durable,
+                cache: state.cache.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The newest content of `sector`: cached, else durable.
@@ -764,9 +811,7 @@ impl Device for VolatileDevice {
         check_range(self.size, offset, buf.len() as u64)?;
         let mut state = self.lock();
         self.supplied()?;
-        if !self.powered(&mut state) {
-            return Ok(());
-        }
+        self.count_call(&mut state)?;
         state.stats.writes += 1;
         let len = buf.len() as u64;
         if !self.make_room(&mut state, self.units(offset, len))? {
@@ -785,9 +830,7 @@ impl Device for VolatileDevice {
     fn sync(&self) -> io::Result<()> {
         let mut state = self.lock();
         self.supplied()?;
-        if !self.powered(&mut state) {
-            return Ok(());
-        }
+        self.count_call(&mut state)?;
         state.stats.syncs += 1;
         self.destage(&mut state)?;
         self.inner.sync()
@@ -797,9 +840,7 @@ impl Device for VolatileDevice {
         check_range(self.size, offset, len)?;
         let mut state = self.lock();
         self.supplied()?;
-        if !self.powered(&mut state) {
-            return Ok(());
-        }
+        self.count_call(&mut state)?;
         state.stats.zero_ranges += 1;
         if !self.make_room(&mut state, self.units(offset, len))? {
             self.forget_range(&mut state, offset, len);
@@ -963,7 +1004,7 @@ mod tests {
     }
 
     #[test]
-    fn fuse_drops_everything_after_the_cut_across_devices() {
+    fn fuse_marks_the_instant_of_failure_across_devices() {
         let fuse = Arc::new(Fuse::new());
         let a = VolatileDevice::zeroed(4 * SECTOR_SIZE).with_fuse(fuse.clone());
         let b = VolatileDevice::zeroed(4 * SECTOR_SIZE).with_fuse(fuse.clone());
@@ -972,14 +1013,31 @@ mod tests {
         b.sync().unwrap();
         // Both allowed calls used: the power is off from here on.
         assert!(fuse.tripped());
-        a.write_at(&[2; S], SECTOR_SIZE).unwrap(); // dropped
-        b.write_at(&[3; S], 0).unwrap(); // dropped
-        assert!(fuse.tripped());
+        a.write_at(&[2; S], SECTOR_SIZE).unwrap();
+        b.write_at(&[3; S], 0).unwrap();
+        b.sync().unwrap();
+        // The running code still sees a consistent device...
+        assert_eq!(read(&a, 0, 2 * S), [vec![1; S], vec![2; S]].concat());
+        assert_eq!(read(&b, 0, S), vec![3; S]);
+        assert_eq!(a.stats().after_cut + b.stats().after_cut, 3);
+        // ...but a power cut starts from the instant of the failure, even
+        // when it keeps every cached write and the later sync "happened".
+        a.power_cut_with(|_, n| n).unwrap();
+        b.power_cut_with(|_, n| n).unwrap();
         assert_eq!(read(&a, 0, 2 * S), [vec![1; S], vec![0; S]].concat());
         assert_eq!(read(&b, 0, S), vec![0; S]);
-        assert_eq!(a.stats().dropped + b.stats().dropped, 2);
+        // The dead process may still be running: what it does after the
+        // cut does not reach the snapshot of the survivors.
+        a.write_at(&[5; S], 0).unwrap();
+        a.sync().unwrap();
+        assert_eq!(
+            a.durable_snapshot().unwrap(),
+            [vec![1; S], vec![0; 3 * S]].concat()
+        );
         fuse.disarm();
         b.write_at(&[4; S], 0).unwrap();
+        assert_eq!(read(&b, 0, S), vec![4; S]);
+        b.power_cut_with(|_, n| n).unwrap();
         assert_eq!(read(&b, 0, S), vec![4; S]);
     }
 
