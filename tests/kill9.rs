@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Instant;
 
-use common::load::{self, Ctl, EndGuard, Model, Rng, Shape, Verdict};
+use common::load::{self, Ctl, EndGuard, Model, Rng, Shape, StopGuard, Verdict};
 use common::{poll, s, twinsum, Client, Daemon, Disk, QUEUE_BUF};
 
 const MIB: u64 = 1 << 20;
@@ -145,6 +145,8 @@ fn run_until_killed(
             })
             // The client is dropped here, after its backend died.
         });
+        // Whatever happens below, the workers stop.
+        let _stop = StopGuard(&ctl);
         let reached = |n: u64| {
             let ops = ctl.ops.load(Ordering::SeqCst);
             let writes = ctl.writes.load(Ordering::SeqCst);

@@ -477,6 +477,16 @@ enum Slot {
     Flush { covers: u64 },
 }
 
+/// Sets `Ctl::stop` when dropped: a panicking controller must not leave
+/// the workers running (a scope would wait for them forever).
+pub struct StopGuard<'a>(pub &'a Ctl);
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Bumps `Ctl::ended` when dropped: a worker (or the thread that runs
 /// them) returned or panicked, so nobody waits for its progress.
 pub struct EndGuard<'a>(pub &'a Ctl);
