@@ -1126,7 +1126,8 @@ impl Core {
                 Err(e) => warn!("cannot forget the old checksum of block {b}: {e}"),
             }
         }
-        drop(st);
+        // Inside the lock: a read that sees the new pairs must also see
+        // the bump, or it would report the race as a mismatch.
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
     }
 
