@@ -254,12 +254,14 @@ fn verify_every_block(
                     continue;
                 }
             };
+            if untouched && got != m.durable(b) {
+                problems.push(format!(
+                    "block {b} holds {got}, not its {} from before the round, although the \
+                     killed daemon left the superblock clean",
+                    m.durable(b)
+                ));
+            }
             match m.judge(b, got) {
-                Ok(Verdict::Durable) => tally.verdicts[0] += 1,
-                Ok(v) if untouched => problems.push(format!(
-                    "block {b} holds {got} ({v:?}) although the killed daemon left the \
-                     superblock clean"
-                )),
                 Ok(v) => tally.verdicts[verdict_index(v)] += 1,
                 Err(e) => problems.push(e),
             }
@@ -316,6 +318,22 @@ fn kill9_rounds(bs: u64) {
             then: rng.range(0, 200),
             strict: rng.pct(50),
         });
+        let ctx = format!(
+            "{ctx}, kill after {target} requests{}, {shape:?}",
+            match usr1 {
+                Some(u) => format!(
+                    " (SIGUSR1 after {}, kill {} later{})",
+                    u.at,
+                    u.then,
+                    if u.strict {
+                        ", synchronous mode awaited"
+                    } else {
+                        ""
+                    }
+                ),
+                None => String::new(),
+            }
+        );
         let flushes_before = model.lock().expect("model").stats.flushes_done;
         let ops = run_until_killed(
             &disk,
@@ -349,6 +367,7 @@ fn kill9_rounds(bs: u64) {
         check_exits_0(&disk, &ctx, &killed_log);
 
         daemon = disk.serve(&serve_args(&mut rng));
+        let ctx = format!("{ctx}\nkilled daemon's log tail:\n{}", tail(&killed_log));
         verify_every_block(&disk, &model, &mut tally, clean, &ctx);
         tally.rounds += 1;
     }

@@ -426,6 +426,14 @@ impl Model {
         })
     }
 
+    /// The content the last completed FLUSH made durable (zeros outside
+    /// the hot set).
+    pub fn durable(&self, block: u64) -> Content {
+        self.blocks
+            .get(&block)
+            .map_or(Content::Zero, |st| st.durable)
+    }
+
     /// After a verified restart: the block holds `got` for certain.
     pub fn settle(&mut self, block: u64, got: Content) {
         if let Some(st) = self.blocks.get_mut(&block) {
