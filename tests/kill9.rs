@@ -2,16 +2,19 @@
 //! writes (rewriting the same blocks, before and after flushes), reads and
 //! flushes on two queues; then, every round:
 //!
-//! - `twinsum info` reports the metadata unclean;
+//! - `twinsum info` reports the metadata unclean (or, if it is clean, no
+//!   write of the round reached the image: the daemon still held them all);
 //! - `twinsum check` exits 0: a kill -9 is not a power cut, the host page
 //!   cache keeps every write the process made, so no block may mismatch;
 //! - after a restart every block of the disk reads without error and holds
 //!   the last write a completed FLUSH covered or one issued after it (zeros
-//!   if never written);
+//!   if never written); in rounds that first sent SIGUSR1 and saw the
+//!   daemon enter synchronous mode, no write completed after that is lost;
 //!
 //! and the next round writes on. The seed is printed; replay a failure
 //! with `TWINSUM_KILL9_SEED=<seed>` (the kill moment is an operation count,
-//! so a replay runs the same workload and kills near the same point).
+//! so a replay runs the same workload and kills near the same point; the
+//! interleaving of the two queues still varies).
 //! `TWINSUM_KILL9_ROUNDS` sets the rounds per block size (default 20).
 
 mod common;
