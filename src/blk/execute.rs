@@ -551,6 +551,8 @@ mod tests {
         let f = fixture(false);
         fill(&f, 0, 0x42, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
+        // Corrupt what is on the device, not what the engine still holds.
+        f.disk.engine().drain();
         f.data.write_at(&[0x43], 4096 + 100).unwrap();
         fill(&f, 0, 0xee, 8192);
         fill(&f, 1, 0xee, 4096);
