@@ -167,6 +167,7 @@ fn run_until_killed(
             target = ctl.ops.load(Ordering::SeqCst) + u.then;
         }
         poll("the client to reach the kill point", || reached(target));
+        ctl.killing.store(true, Ordering::SeqCst);
         daemon.signal(libc::SIGKILL);
         ctl.stop.store(true, Ordering::SeqCst);
         client

@@ -458,6 +458,9 @@ pub struct Ctl {
     pub writes: AtomicU64,
     /// Set after the backend was killed: stop quietly.
     pub stop: AtomicBool,
+    /// Set just before the backend is killed: from then on a failed
+    /// request may be the kill's doing and ends the worker quietly.
+    pub killing: AtomicBool,
     /// Set when a worker ended (done or failed).
     pub ended: AtomicU64,
 }
@@ -600,7 +603,7 @@ pub fn drive(
                 continue;
             }
             Err(e) => {
-                if ctl.stop.load(Ordering::SeqCst) {
+                if ctl.killing.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 return Err(format!("do_io: {e}"));
@@ -613,7 +616,7 @@ pub fn drive(
             let i = c.user_data;
             let slot = std::mem::replace(&mut slots[i], Slot::Free);
             if c.ret != 0 {
-                if ctl.stop.load(Ordering::SeqCst) {
+                if ctl.killing.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 return Err(format!("{slot:?} failed with errno {}", -c.ret));
