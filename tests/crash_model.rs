@@ -255,6 +255,9 @@ impl<'f> Case<'f> {
         if shape == 0 || rng.gen_ratio(1, 3) {
             opts.cache_pages = rng.gen_range(1..=16);
         }
+        // Both write paths: through the write-back stage (serve's) and
+        // completing each write only once its data is written.
+        opts.write_cache = !rng.gen_ratio(1, 4);
         let hot = if shape == 0 {
             let stride = blocks / 24;
             (0..24)
@@ -288,11 +291,12 @@ impl<'f> Case<'f> {
         let crashes = self.rng.gen_range(1..=5);
         trace!(
             self,
-            "geometry: {} blocks of {} bytes, pending_limit {}, cache_pages {}, hot {:?}, {} crashes",
+            "geometry: {} blocks of {} bytes, pending_limit {}, cache_pages {}, write_cache {}, hot {:?}, {} crashes",
             self.blocks,
             self.bs,
             self.opts.pending_limit,
             self.opts.cache_pages,
+            self.opts.write_cache,
             self.hot,
             crashes
         );
@@ -1368,6 +1372,7 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
     if rng.gen_ratio(1, 3) {
         opts.pending_limit = rng.gen_range(0..=3);
     }
+    opts.write_cache = !rng.gen_ratio(1, 4);
     let salt = rng.gen();
     // `create` syncs: the durable image is the formatted metadata.
     let meta_img = {
