@@ -791,9 +791,11 @@ impl Core {
                 }
                 std::mem::take(&mut st.queue)
             };
+            let live = not_superseded(&batch);
             let updates = batch
                 .iter()
                 .enumerate()
+                .filter(|&(i, _)| live[i])
                 .map(|(i, q)| Update {
                     op: i,
                     block: q.block,
@@ -1173,24 +1175,49 @@ impl Core {
 /// Split a batch into rounds in which no block repeats, keeping the order
 /// of updates that touch the same block (a later write must land later),
 /// and no round covers much more than [`ZERO_CHUNK`] blocks.
+///
+/// Batches from the write-back stage hold thousands of updates, so small
+/// updates are placed through a per-block map (linear); the few large
+/// ranges (zeroings) are kept as intervals.
 fn split_rounds(updates: Vec<Update<'_>>) -> Vec<Vec<Update<'_>>> {
+    const SMALL: u64 = 64;
     let mut rounds: Vec<(u64, Vec<Update<'_>>)> = Vec::new();
-    let mut placed: Vec<(u64, u64, usize)> = Vec::new();
+    // The last round each block of a small update went to.
+    let mut small: HashMap<u64, usize> = HashMap::new();
+    let mut large: Vec<(u64, u64, usize)> = Vec::new();
     for u in updates {
         let end = u.block + u.count;
-        let mut round = placed
+        let after_large = large
             .iter()
             .filter(|&&(b, e, _)| b < end && u.block < e)
             .map(|&(_, _, r)| r + 1)
-            .max()
-            .unwrap_or(0);
+            .max();
+        let after_small = if u.count <= small.len() as u64 {
+            (u.block..end)
+                .filter_map(|b| small.get(&b))
+                .map(|&r| r + 1)
+                .max()
+        } else {
+            small
+                .iter()
+                .filter(|(&b, _)| u.block <= b && b < end)
+                .map(|(_, &r)| r + 1)
+                .max()
+        };
+        let mut round = after_large.max(after_small).unwrap_or(0);
         while rounds
             .get(round)
             .is_some_and(|(n, r)| !r.is_empty() && n + u.count > ZERO_CHUNK)
         {
             round += 1;
         }
-        placed.push((u.block, end, round));
+        if u.count <= SMALL {
+            for b in u.block..end {
+                small.insert(b, round);
+            }
+        } else {
+            large.push((u.block, end, round));
+        }
         if rounds.len() <= round {
             rounds.resize_with(round + 1, || (0, Vec::new()));
         }
@@ -1198,6 +1225,24 @@ fn split_rounds(updates: Vec<Update<'_>>) -> Vec<Vec<Update<'_>>> {
         rounds[round].1.push(u);
     }
     rounds.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Which queued writes still need writing: one whose every block a later
+/// write of the same batch overwrites never has to reach the disk (neither
+/// was flushed yet: a FLUSH drains the stage before it syncs), and
+/// skipping it spares the data sync a rewrite round would cost.
+fn not_superseded(batch: &[Arc<Queued>]) -> Vec<bool> {
+    let mut last: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
+    for (i, q) in batch.iter().enumerate() {
+        for b in q.block..q.block + q.count {
+            last.insert(b, i);
+        }
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.block..q.block + q.count).any(|b| last.get(&b) == Some(&i)))
+        .collect()
 }
 
 fn zero_chunks<'a>(op: usize, block: u64, count: u64) -> impl Iterator<Item = Update<'a>> {
