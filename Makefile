@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/twinsum
 
-.PHONY: all build run test lint bench crash-model images qemu clean
+.PHONY: all build run test deps lint bench crash-model images qemu clean
 
 all: build
 
@@ -16,8 +16,12 @@ build:
 run: build
 	scripts/run-demo.sh
 
+# Debian packages for the guest tests (only the missing ones; needs root).
+deps:
+	scripts/install-deps.sh
+
 # Everything: unit, crash-model, socket and guest tests.
-test: images
+test: deps images
 	$(CARGO) build --release
 	$(CARGO) test --release -- --test-threads=2
 
@@ -38,7 +42,7 @@ images:
 	images/build.sh
 
 # Boot the guest interactively against the disk of a running `make run`.
-qemu: images
+qemu: deps images
 	images/qemu.sh
 
 clean:
