@@ -699,24 +699,24 @@ mod tests {
     use super::*;
     use crate::io::Device;
 
-    /// A device in memory that counts writes and syncs.
-    struct MemDevice {
-        bytes: Mutex<Vec<u8>>,
+    /// An in-memory device that records writes and counts syncs.
+    struct RecordingDevice {
+        inner: crate::io::volatile::MemDevice,
         writes: Mutex<Vec<(u64, usize)>>,
         syncs: Mutex<usize>,
     }
 
-    impl MemDevice {
+    impl RecordingDevice {
         fn new(size: u64) -> Arc<Self> {
             Arc::new(Self {
-                bytes: Mutex::new(vec![0; size as usize]),
+                inner: crate::io::volatile::MemDevice::new(size),
                 writes: Mutex::new(Vec::new()),
                 syncs: Mutex::new(0),
             })
         }
 
         fn bytes(&self) -> Vec<u8> {
-            self.bytes.lock().unwrap().clone()
+            self.inner.to_vec()
         }
 
         fn writes(&self) -> Vec<(u64, usize)> {
@@ -730,20 +730,15 @@ mod tests {
         }
     }
 
-    impl Device for MemDevice {
+    impl Device for RecordingDevice {
         fn size(&self) -> u64 {
-            self.bytes.lock().unwrap().len() as u64
+            self.inner.size()
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            let b = self.bytes.lock().unwrap();
-            crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
-            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
-            Ok(())
+            self.inner.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            let mut b = self.bytes.lock().unwrap();
-            crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
-            b[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            self.inner.write_at(buf, offset)?;
             self.writes.lock().unwrap().push((offset, buf.len()));
             Ok(())
         }
@@ -752,17 +747,14 @@ mod tests {
             Ok(())
         }
         fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-            let mut b = self.bytes.lock().unwrap();
-            crate::io::check_range(b.len() as u64, offset, len)?;
-            b[offset as usize..(offset + len) as usize].fill(0);
-            Ok(())
+            self.inner.zero_range(offset, len)
         }
     }
 
     const BLOCKS: u64 = 10 * PAIRS_PER_PAGE + 17;
 
-    fn fresh(cache_pages: usize) -> (Arc<MemDevice>, Metadata) {
-        let dev = MemDevice::new(meta_len(BLOCKS));
+    fn fresh(cache_pages: usize) -> (Arc<RecordingDevice>, Metadata) {
+        let dev = RecordingDevice::new(meta_len(BLOCKS));
         let sb = Superblock::new(4096, BLOCKS * 4096, 42).unwrap();
         let meta = Metadata::create(dev.clone(), sb, cache_pages).unwrap();
         (dev, meta)
@@ -786,7 +778,7 @@ mod tests {
 
     #[test]
     fn create_zeroes_a_stale_table() {
-        let dev = MemDevice::new(meta_len(BLOCKS));
+        let dev = RecordingDevice::new(meta_len(BLOCKS));
         dev.write_at(&[0xff; 64], TABLE_OFFSET).unwrap();
         let sb = Superblock::new(4096, BLOCKS * 4096, 1).unwrap();
         let mut meta = Metadata::create(dev, sb, 2).unwrap();
@@ -904,7 +896,7 @@ mod tests {
     #[test]
     fn truncated_table_is_refused() {
         let (dev, _meta) = fresh(2);
-        let short = MemDevice::new(meta_len(BLOCKS) - 4096);
+        let short = RecordingDevice::new(meta_len(BLOCKS) - 4096);
         short
             .write_at(&dev.bytes()[..(meta_len(BLOCKS) - 4096) as usize], 0)
             .unwrap();
@@ -919,7 +911,7 @@ mod tests {
 
     #[test]
     fn tiny_garbage_file_is_bad_magic_not_truncated() {
-        let dev = MemDevice::new(8);
+        let dev = RecordingDevice::new(8);
         dev.write_at(b"garbage\n", 0).unwrap();
         assert!(matches!(
             Metadata::open(dev, 1),
@@ -932,7 +924,7 @@ mod tests {
     #[test]
     fn cut_off_superblock_is_truncated() {
         let (dev, _meta) = fresh(1);
-        let short = MemDevice::new(100);
+        let short = RecordingDevice::new(100);
         short.write_at(&dev.bytes()[..100], 0).unwrap();
         assert!(matches!(
             Metadata::open(short, 1),
@@ -942,7 +934,7 @@ mod tests {
 
     #[test]
     fn create_on_a_short_device_is_refused() {
-        let dev = MemDevice::new(4096);
+        let dev = RecordingDevice::new(4096);
         let sb = Superblock::new(512, 512 * 1000, 1).unwrap();
         assert!(matches!(
             Metadata::create(dev, sb, 1),
@@ -952,7 +944,7 @@ mod tests {
 
     #[test]
     fn garbage_superblock_is_bad_magic() {
-        let dev = MemDevice::new(meta_len(4));
+        let dev = RecordingDevice::new(meta_len(4));
         dev.write_at(b"garbage!", 0).unwrap();
         assert!(matches!(
             Metadata::open(dev, 1),

@@ -2,18 +2,18 @@
 //! (tests/crash_model.rs) covers power cuts; these cover the transitions.
 
 use std::io;
-use std::sync::{Arc, Mutex};
-
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use super::*;
+use crate::io::volatile::MemDevice;
 use crate::io::Device;
 use crate::meta::Superblock;
 
-/// A device whose writes are immediately durable; counts syncs.
-#[derive(Default)]
+/// An in-memory device whose writes are immediately durable, which counts
+/// syncs and can be told to fail writes.
 struct Mem {
-    bytes: Mutex<Vec<u8>>,
+    inner: MemDevice,
     syncs: AtomicU64,
     fail_writes: AtomicBool,
 }
@@ -21,47 +21,43 @@ struct Mem {
 impl Mem {
     fn new(size: usize) -> Arc<Self> {
         Arc::new(Self {
-            bytes: Mutex::new(vec![0; size]),
+            inner: MemDevice::new(size as u64),
             syncs: AtomicU64::new(0),
             fail_writes: AtomicBool::new(false),
         })
     }
     fn poke(&self, offset: usize, f: impl FnOnce(&mut u8)) {
-        f(&mut self.bytes.lock().unwrap()[offset]);
+        let mut b = [0u8];
+        self.inner.read_at(&mut b, offset as u64).unwrap();
+        f(&mut b[0]);
+        self.inner.write_at(&b, offset as u64).unwrap();
     }
     fn copy(&self, from: usize, to: usize, len: usize) {
-        self.bytes.lock().unwrap().copy_within(from..from + len, to);
+        let mut buf = vec![0u8; len];
+        self.inner.read_at(&mut buf, from as u64).unwrap();
+        self.inner.write_at(&buf, to as u64).unwrap();
     }
 }
 
 impl Device for Mem {
     fn size(&self) -> u64 {
-        self.bytes.lock().unwrap().len() as u64
+        self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let b = self.bytes.lock().unwrap();
-        crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
-        buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
-        Ok(())
+        self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected write failure"));
         }
-        let mut b = self.bytes.lock().unwrap();
-        crate::io::check_range(b.len() as u64, offset, buf.len() as u64)?;
-        b[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
+        self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
         self.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut b = self.bytes.lock().unwrap();
-        crate::io::check_range(b.len() as u64, offset, len)?;
-        b[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
+        self.inner.zero_range(offset, len)
     }
 }
 
