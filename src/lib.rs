@@ -6,6 +6,8 @@
 //! vhost-user and knows nothing of the on-disk format.
 
 pub mod blk;
+pub mod error;
 pub mod integrity;
 pub mod io;
 pub mod meta;
+pub mod stage;

@@ -780,7 +780,7 @@ impl<'f> Case<'f> {
             Action::Writeback => engine.writeback(),
             Action::EnterSyncMode => engine.enter_sync_mode(),
             Action::LeaveSyncMode => engine.leave_sync_mode(),
-            Action::MakeClean => engine.make_clean(),
+            Action::MakeClean => engine.make_clean().map(|_| ()),
         };
         if fuse.is_some_and(|f| f.tripped()) {
             trace!(self, "  (power failed during {action:?})");
@@ -1592,7 +1592,7 @@ impl Submitters<'_> {
                 0..=5 => ("writeback", engine.writeback()),
                 6 => ("enter_sync_mode", engine.enter_sync_mode()),
                 7 => ("leave_sync_mode", engine.leave_sync_mode()),
-                _ => ("make_clean", engine.make_clean()),
+                _ => ("make_clean", engine.make_clean().map(|_| ())),
             };
             if !fuse.tripped() {
                 r.map_err(|e| format!("{what} failed: {e}"))?;

@@ -183,7 +183,10 @@ fn lost_power(r: Request) -> ParseError {
         status: Some(r.status),
         error: RequestError::Engine(EngineError::Io {
             what: "serving a request",
-            source: io::Error::new(io::ErrorKind::BrokenPipe, "the disk has lost power"),
+            source: std::sync::Arc::new(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the disk has lost power",
+            )),
         }),
     }
 }

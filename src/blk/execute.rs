@@ -194,13 +194,28 @@ impl Disk {
     }
 
     /// Orderly stop point: everything durable, the metadata marked clean.
-    pub fn make_clean(&self, why: &str) {
+    ///
+    /// `true` when everything is in the image and the stage is empty.
+    pub fn make_clean(&self, why: &str) -> bool {
         if self.readonly {
-            return;
+            return true;
         }
         match self.engine.make_clean() {
-            Ok(()) => log::info!("{why}: metadata written back and marked clean"),
-            Err(e) => log::error!("{why}: cannot mark the metadata clean: {e}"),
+            Ok(true) => {
+                log::info!("{why}: metadata written back and marked clean");
+                true
+            }
+            Ok(false) => {
+                log::info!("{why}: metadata written back; writes arriving meanwhile keep it dirty");
+                false
+            }
+            Err(e) => {
+                log::error!(
+                    "{why}: cannot mark the metadata clean: {}",
+                    crate::error::Chain(&e)
+                );
+                false
+            }
         }
     }
 
@@ -346,7 +361,7 @@ impl Disk {
             let r = results.next().unwrap_or_else(|| {
                 Err(EngineError::Io {
                     what: "completing a batch",
-                    source: std::io::Error::other("the engine returned too few results"),
+                    source: Arc::new(std::io::Error::other("the engine returned too few results")),
                 })
             });
             let Err(e) = r else { continue };
@@ -367,7 +382,7 @@ impl Disk {
                 job.error
                     .get_or_insert(RequestError::Engine(EngineError::Io {
                         what: "flushing a write-through batch",
-                        source: std::io::Error::other("flush failed"),
+                        source: Arc::new(std::io::Error::other("flush failed")),
                     }));
             }
         }

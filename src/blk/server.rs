@@ -37,9 +37,9 @@ use super::backend::BlkBackend;
 use super::config;
 use super::execute::Disk;
 use super::request::ID_LEN;
-use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch};
+use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch, StageConfig};
 use crate::io::volatile::PowerSupply;
-use crate::io::{FileDevice, OpenFlags};
+use crate::io::{FileDevice, MappedFile, OpenFlags, Region};
 use crate::meta::DeviceRef;
 
 /// A validated `serve` configuration.
@@ -57,6 +57,11 @@ pub struct ServeConfig {
     pub on_mismatch: OnMismatch,
     /// Simulate a disk with a volatile write cache that SIGUSR2 power-cuts.
     pub volatile_cache: Option<VolatileCacheConfig>,
+    /// The write-back stage: a file in memory that outlives the process
+    /// (tmpfs), replayed at start.
+    pub stage: PathBuf,
+    /// Bytes of completed writes the stage holds before writers wait.
+    pub stage_bytes: u64,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -79,6 +84,18 @@ pub enum ServeError {
     Open(io::Error),
     #[error("cannot open the disk")]
     Engine(#[source] EngineError),
+    #[error("cannot use the write-back stage {}", path.display())]
+    Stage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot use the write-back stage {}", path.display())]
+    StageEngine {
+        path: PathBuf,
+        #[source]
+        source: EngineError,
+    },
     #[error("cannot set up signals")]
     Signals(#[source] io::Error),
     #[error("the simulated power cut failed")]
@@ -176,6 +193,79 @@ impl DiskSpec {
         power: Option<Arc<PowerSupply>>,
     ) -> Result<Current, ServeError> {
         let engine = Engine::open(data, meta, self.opts.clone()).map_err(ServeError::Engine)?;
+        self.current(engine, power)
+    }
+
+    /// Open on the real files with the stage at `path`: replay what a dead
+    /// twinsum left in it, then serve with a fresh stage of the configured
+    /// size.
+    fn open_staged(
+        &self,
+        (data, meta): (DeviceRef, DeviceRef),
+        path: &Path,
+        bytes: u64,
+    ) -> Result<Current, ServeError> {
+        let boot = crate::stage::boot_id().map_err(|source| ServeError::Stage {
+            path: path.to_owned(),
+            source,
+        })?;
+        let len = crate::stage::RING_START + bytes;
+        let stage_err = |source| ServeError::Stage {
+            path: path.to_owned(),
+            source,
+        };
+        let engine_err = |source| ServeError::StageEngine {
+            path: path.to_owned(),
+            source,
+        };
+        let existing = match fs::metadata(path) {
+            Ok(m) => m.len() > 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(stage_err(e)),
+        };
+        if existing {
+            let region = Arc::new(MappedFile::open(path, None).map_err(stage_err)?);
+            if region.len() != len {
+                // Replay on the old stage, write everything out, then start
+                // over at the new size.
+                let engine = Engine::open_with_stage(
+                    data.clone(),
+                    meta.clone(),
+                    StageConfig {
+                        region: region.clone(),
+                        boot,
+                    },
+                    self.opts.clone(),
+                )
+                .map_err(engine_err)?;
+                if !engine.make_clean().map_err(engine_err)? {
+                    return Err(engine_err(EngineError::Stopping));
+                }
+                drop(engine);
+                drop(region);
+            } else {
+                let engine = Engine::open_with_stage(
+                    data,
+                    meta,
+                    StageConfig { region, boot },
+                    self.opts.clone(),
+                )
+                .map_err(engine_err)?;
+                return self.current(engine, None);
+            }
+        }
+        let region = Arc::new(MappedFile::open(path, Some(len)).map_err(stage_err)?);
+        let engine =
+            Engine::open_with_stage(data, meta, StageConfig { region, boot }, self.opts.clone())
+                .map_err(engine_err)?;
+        self.current(engine, None)
+    }
+
+    fn current(
+        &self,
+        engine: Engine,
+        power: Option<Arc<PowerSupply>>,
+    ) -> Result<Current, ServeError> {
         if !engine.was_clean() {
             log::warn!(
                 "metadata was not closed cleanly (crash?); both checksum slots still verify"
@@ -196,6 +286,8 @@ impl DiskSpec {
 struct Served {
     spec: DiskSpec,
     state: Mutex<ServedState>,
+    /// The stage file, removed after an orderly stop that emptied it.
+    stage: Option<PathBuf>,
 }
 
 struct ServedState {
@@ -220,6 +312,7 @@ impl Served {
             opts: EngineOptions {
                 on_mismatch: cfg.on_mismatch,
                 readonly: cfg.readonly,
+                stage_bytes: cfg.stage_bytes,
                 ..EngineOptions::default()
             },
             readonly: cfg.readonly,
@@ -229,12 +322,20 @@ impl Served {
             },
         };
         let (current, volatile) = match &cfg.volatile_cache {
-            None => (spec.open((data, meta), None)?, None),
+            None if cfg.readonly => {
+                refuse_waiting_stage(&cfg.stage)?;
+                (spec.open((data, meta), None)?, None)
+            }
+            None => (
+                spec.open_staged((data, meta), &cfg.stage, cfg.stage_bytes)?,
+                None,
+            ),
             Some(v) => {
                 let v = VolatileDisk::new(data, meta, v).map_err(ServeError::Open)?;
                 (spec.open(v.devices(), Some(v.supply().clone()))?, Some(v))
             }
         };
+        let stage = (cfg.volatile_cache.is_none() && !cfg.readonly).then(|| cfg.stage.clone());
         Ok(Self {
             spec,
             state: Mutex::new(ServedState {
@@ -242,6 +343,7 @@ impl Served {
                 volatile,
                 failed: None,
             }),
+            stage,
         })
     }
 
@@ -346,7 +448,23 @@ impl Served {
             return Err(e);
         }
         let disk = &st.current.disk;
-        disk.make_clean("stopping");
+        let emptied = disk.make_clean("stopping");
+        if let Some(path) = &self.stage {
+            if emptied {
+                if let Err(e) = fs::remove_file(path) {
+                    log::warn!(
+                        "cannot remove the empty write-back stage {}: {e}",
+                        path.display()
+                    );
+                }
+            } else {
+                log::warn!(
+                    "the write-back stage {} still holds {} completed writes; the next start replays them",
+                    path.display(),
+                    disk.engine().stats().queued
+                );
+            }
+        }
         let s = disk.engine().stats();
         log::info!(
             "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs, {} metadata syncs{}",
@@ -443,6 +561,32 @@ fn serve_connections(
         backend.close();
         drop(daemon);
         served.frontend_gone(&conn);
+    }
+}
+
+/// A read-only server cannot replay a stage: refuse to hide the writes it
+/// holds.
+fn refuse_waiting_stage(path: &Path) -> Result<(), ServeError> {
+    let region = match crate::io::FileRegion::open_readonly(path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServeError::Stage {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    match crate::stage::Stage::inspect(&region) {
+        Ok(Some(i)) if i.records > 0 => Err(ServeError::StageEngine {
+            path: path.to_owned(),
+            source: EngineError::StageNeedsReplay(i.records as usize),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ServeError::StageEngine {
+            path: path.to_owned(),
+            source: e.into(),
+        }),
     }
 }
 

@@ -33,6 +33,8 @@ pub struct CheckArgs {
     /// The metadata file or device written by `twinsum format`.
     #[arg(long, value_name = "META")]
     meta: PathBuf,
+    #[command(flatten)]
+    stage: super::stage::StageArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -75,12 +77,28 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             args.data.display()
         )
     })?;
+    let stage = super::stage::inspect(&args.stage.path(&args.meta)?, meta.superblock())?;
+    if let Some(st) = &stage {
+        eprintln!(
+            "twinsum check: {} completed writes ({} bytes) {} the write-back stage {}; {}",
+            st.writes,
+            st.bytes,
+            if st.in_use { "are in" } else { "wait in" },
+            st.path.display(),
+            if st.in_use {
+                "a running serve holds them"
+            } else {
+                "serve replays them before it serves; this check sees the image without them"
+            }
+        );
+    }
     let out = Output {
         json: args.json,
         progress: progress_bar(data.size(), "checking"),
     };
-    let report = verify_all(&mut meta, &data, &out)
+    let mut report = verify_all(&mut meta, &data, &out)
         .with_context(|| format!("checking {}", args.data.display()))?;
+    report.stage = stage;
     out.progress.finish_and_clear();
     out.finish(&report)?;
     Ok(if report.mismatch_count == 0 {
@@ -105,6 +123,8 @@ struct Report {
     /// The superblock says the last stop was orderly.
     clean: bool,
     generation: u64,
+    /// Completed writes not yet in the image, if any.
+    stage: Option<super::stage::StageReport>,
 }
 
 /// Verify every block: data regions on the workers, holes inline, both in

@@ -19,6 +19,8 @@ pub struct InfoArgs {
     /// The metadata file or device written by `twinsum format`.
     #[arg(long, value_name = "META")]
     meta: PathBuf,
+    #[command(flatten)]
+    stage: super::stage::StageArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -37,6 +39,13 @@ struct Info {
     salt: String,
     generation: u64,
     hash: &'static str,
+    /// Completed writes waiting in the write-back stage (0: none).
+    stage_writes: u64,
+    /// Why the stage cannot be read, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stage: Option<super::stage::StageReport>,
 }
 
 impl From<&Superblock> for Info {
@@ -51,6 +60,9 @@ impl From<&Superblock> for Info {
             salt: format!("{:#018x}", sb.salt),
             generation: sb.generation,
             hash: hash_name(sb.hash_id),
+            stage_writes: 0,
+            stage_error: None,
+            stage: None,
         }
     }
 }
@@ -68,7 +80,19 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     // Opening also checks that the table is as long as the superblock says.
     let meta = Metadata::open(Arc::new(dev), 1)
         .with_context(|| format!("cannot use metadata {}", args.meta.display()))?;
-    let info = Info::from(meta.superblock());
+    let mut info = Info::from(meta.superblock());
+    // The stage is extra: metadata without a readable one is still shown.
+    match args
+        .stage
+        .path(&args.meta)
+        .and_then(|p| super::stage::inspect(&p, meta.superblock()))
+    {
+        Ok(st) => {
+            info.stage_writes = st.as_ref().map_or(0, |s| s.writes);
+            info.stage = st;
+        }
+        Err(e) => info.stage_error = Some(format!("{e:#}")),
+    }
     let mut out = io::stdout().lock();
     if args.json {
         serde_json::to_writer(&mut out, &info)?;
@@ -90,5 +114,21 @@ fn print_text(out: &mut impl Write, i: &Info) -> io::Result<()> {
     writeln!(out, "salt:        {}", i.salt)?;
     writeln!(out, "generation:  {}", i.generation)?;
     writeln!(out, "clean:       {}", yes_no(i.clean))?;
-    writeln!(out, "sync mode:   {}", yes_no(i.sync_mode))
+    writeln!(out, "sync mode:   {}", yes_no(i.sync_mode))?;
+    match (&i.stage, &i.stage_error) {
+        (_, Some(e)) => writeln!(out, "stage:       unusable: {e}"),
+        (Some(s), None) => writeln!(
+            out,
+            "stage:       {} completed writes ({} bytes) in {}{}",
+            s.writes,
+            s.bytes,
+            s.path.display(),
+            if s.in_use {
+                " (in use by a running serve)"
+            } else {
+                ", replayed at the next serve"
+            }
+        ),
+        (None, None) => writeln!(out, "stage:       empty"),
+    }
 }

@@ -5,6 +5,7 @@ mod check;
 mod format;
 mod info;
 mod serve;
+mod stage;
 
 use std::process::ExitCode;
 

@@ -67,11 +67,23 @@ pub struct ServeArgs {
     /// N + k - 1), to replay a logged cut [default: random, logged].
     #[arg(long, value_name = "N", requires = "volatile_cache")]
     power_cut_seed: Option<u64>,
+    /// The write-back stage: completed writes not yet in IMG live in this
+    /// file, in memory that outlives the process but not the host (tmpfs),
+    /// and a restarted twinsum replays them before it serves
+    /// [default: twinsum-<META name>-<hash>.stage in $XDG_RUNTIME_DIR, else /dev/shm].
+    #[arg(long, value_name = "PATH")]
+    stage: Option<PathBuf>,
+    /// MiB of completed writes the stage holds before writers wait for the
+    /// image to catch up.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    stage_size: u64,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
 /// memory, and small enough that the byte count cannot overflow.
 const MAX_CACHE_MIB: u64 = 1 << 20;
+/// Largest `--stage-size`: the stage is memory, 64 GiB is plenty.
+const MAX_STAGE_MIB: u64 = 1 << 16;
 
 /// `--on-mismatch` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -112,7 +124,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 a.volatile_cache_limit
             );
         }
+        if a.stage_size == 0 || a.stage_size > MAX_STAGE_MIB {
+            bail!(
+                "--stage-size must be between 1 and {MAX_STAGE_MIB} MiB, not {}",
+                a.stage_size
+            );
+        }
+        let stage = match a.stage {
+            Some(p) => p,
+            None => twinsum::stage::default_path(&a.meta)
+                .context("cannot choose a write-back stage path (name one with --stage)")?,
+        };
         Ok(ServeConfig {
+            stage,
+            stage_bytes: a.stage_size << 20,
             socket: a.socket,
             data: a.data,
             meta: a.meta,

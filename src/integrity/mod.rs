@@ -5,4 +5,7 @@ mod engine;
 mod gate;
 pub mod hash;
 
-pub use engine::{Engine, EngineError, EngineOptions, OnMismatch, Op, Stats};
+pub use engine::{
+    Engine, EngineError, EngineOptions, OnMismatch, Op, Replayed, StageConfig, Stats,
+    DEFAULT_STAGE_BYTES,
+};

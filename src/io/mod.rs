@@ -6,11 +6,13 @@
 //! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
 
 mod file;
+mod region;
 pub mod volatile;
 
 use std::io;
 
 pub use file::{FileDevice, OpenFlags};
+pub use region::{FileRegion, MappedFile, MemRegion, Region};
 
 /// A byte-addressed device with a volatile write cache.
 ///

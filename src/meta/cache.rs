@@ -422,7 +422,10 @@ fn check_len(dev: &DeviceRef, need: u64) -> Result<(), MetaError> {
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MetaError {
-    move |source| MetaError::Io { what, source }
+    move |source| MetaError::Io {
+        what,
+        source: std::sync::Arc::new(source),
+    }
 }
 
 /// Hashes page numbers for the page index. Keys are our own page numbers,

@@ -30,10 +30,11 @@ pub fn meta_len(blocks: u64) -> u64 {
     TABLE_OFFSET + (blocks * PAIR_SIZE).div_ceil(PAGE_SIZE) * PAGE_SIZE
 }
 
-/// Why metadata cannot be opened or used.
-#[derive(Debug, thiserror::Error)]
+/// Why metadata cannot be opened or used. Messages say what failed; the
+/// cause is the `source`, printed once by whoever prints the chain.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MetaError {
-    #[error("bad superblock: {0}")]
+    #[error("bad superblock")]
     Superblock(#[from] SuperblockError),
     #[error("metadata is truncated: {have} bytes, it needs {need}")]
     Truncated { have: u64, need: u64 },
@@ -41,11 +42,11 @@ pub enum MetaError {
     WrongImage { meta_size: u64, data_size: u64 },
     #[error("block {block} is past the end of the pair table ({blocks} blocks)")]
     OutOfRange { block: u64, blocks: u64 },
-    #[error("metadata I/O failed while {what}: {source}")]
+    #[error("metadata I/O failed while {what}")]
     Io {
         what: &'static str,
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
 }
 

@@ -426,6 +426,26 @@ impl Model {
         })
     }
 
+    /// [`Self::judge`] after the death of the backend process (not of the
+    /// host): a completed write may not be lost, flushed or not.
+    pub fn judge_process_death(&self, block: u64, got: Content) -> Result<Verdict, String> {
+        match self.judge(block, got)? {
+            Verdict::OlderThanCompleted => {
+                let st = &self.blocks[&block];
+                let newest = st
+                    .since
+                    .iter()
+                    .rev()
+                    .find(|w| w.done.is_some())
+                    .map_or("?".to_string(), |w| w.content.to_string());
+                Err(format!(
+                    "block {block} holds {got}: the completed write {newest} was lost with the process"
+                ))
+            }
+            v => Ok(v),
+        }
+    }
+
     /// The content the last completed FLUSH made durable (zeros outside
     /// the hot set).
     pub fn durable(&self, block: u64) -> Content {
@@ -472,7 +492,7 @@ pub struct Shape {
     pub depth: usize,
     /// Largest write or read, in blocks.
     pub max_blocks: u64,
-    /// A queue flushes after 1..=flush_every writes.
+    /// A queue flushes after 1..=flush_every writes; 0: never.
     pub flush_every: u64,
     /// Percent of writes that are write-zeroes.
     pub zero_pct: u64,
@@ -529,7 +549,12 @@ pub fn drive(
     );
     let mut slots = vec![Slot::Free; shape.depth];
     let mut reads_want: Vec<Vec<Content>> = vec![Vec::new(); shape.depth];
-    let mut until_flush = rng.range(1, shape.flush_every);
+    // flush_every 0: never flush.
+    let next_flush = |rng: &mut Rng| match shape.flush_every {
+        0 => u64::MAX,
+        n => rng.range(1, n),
+    };
+    let mut until_flush = next_flush(&mut rng);
     let mut flushing = false;
     let mut completions: Vec<MaybeUninit<blkio::Completion>> =
         (0..shape.depth).map(|_| MaybeUninit::uninit()).collect();
@@ -550,7 +575,7 @@ pub fn drive(
                 q.q.flush(i, ReqFlags::empty());
                 *slot = Slot::Flush { covers };
                 flushing = true;
-                until_flush = rng.range(1, shape.flush_every);
+                until_flush = next_flush(&mut rng);
                 continue;
             }
             let (cstart, clen) = clusters[rng.next_u64() as usize % clusters.len()];

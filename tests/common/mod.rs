@@ -38,6 +38,16 @@ pub fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// tmpfs for stages: /dev/shm where it exists.
+pub fn shm_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_twinsum")
 }
@@ -52,6 +62,11 @@ pub fn twinsum(args: &[&str]) -> Output {
 /// A scratch directory with a formatted image.
 pub struct Disk {
     pub dir: tempfile::TempDir,
+    /// A tmpfs directory for the write-back stage (as /dev/shm is by
+    /// default), removed with the disk even when a daemon was killed.
+    pub shm: tempfile::TempDir,
+    /// The stage every daemon of this disk uses (`--stage`).
+    pub stage: PathBuf,
     pub data: PathBuf,
     pub meta: PathBuf,
     pub socket: PathBuf,
@@ -82,8 +97,15 @@ impl Disk {
             "format failed: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        let shm = tempfile::Builder::new()
+            .prefix("twinsum-test-")
+            .tempdir_in(shm_dir())
+            .expect("tempdir for the stage");
+        let stage = shm.path().join("disk.stage");
         Self {
             dir,
+            shm,
+            stage,
             data,
             meta,
             socket,
@@ -99,6 +121,24 @@ impl Disk {
     /// `twinsum info --json` as a JSON value.
     pub fn info(&self) -> serde_json::Value {
         let o = twinsum(&["info", "--meta", s(&self.meta), "--json"]);
+        assert!(
+            o.status.success(),
+            "info failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("info --json prints JSON")
+    }
+
+    /// `twinsum info --json` with this disk's stage.
+    pub fn info_with_stage(&self) -> serde_json::Value {
+        let o = twinsum(&[
+            "info",
+            "--meta",
+            s(&self.meta),
+            "--stage",
+            s(&self.stage),
+            "--json",
+        ]);
         assert!(
             o.status.success(),
             "info failed: {}",
@@ -145,9 +185,17 @@ impl Daemon {
             .unwrap_or(0);
         let log = disk.path(&format!("serve-{n}.log"));
         let err = File::create(&log).expect("log file");
-        let child = Command::new(bin())
-            .args(["serve", "--socket", s(socket)])
-            .args(["--data", s(&disk.data), "--meta", s(&disk.meta)])
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--socket", s(socket)]).args([
+            "--data",
+            s(&disk.data),
+            "--meta",
+            s(&disk.meta),
+        ]);
+        if !extra.contains(&"--stage") {
+            cmd.args(["--stage", s(&disk.stage)]);
+        }
+        let child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -179,6 +179,10 @@ pub struct Backend {
     pub kind: BackendKind,
     /// Holds IMG, META and the socket; removed when the backend is dropped.
     _dir: tempfile::TempDir,
+    /// Holds twinsum's write-back stage (tmpfs), removed with it even if
+    /// the backend was killed.
+    _shm: tempfile::TempDir,
+    pub stage: PathBuf,
     pub img: PathBuf,
     pub meta: PathBuf,
     pub socket: PathBuf,
@@ -197,6 +201,15 @@ impl Backend {
         let img = dir.path().join("disk.img");
         let meta = dir.path().join("disk.meta");
         let socket = dir.path().join("vhost.sock");
+        let shm = tempfile::Builder::new()
+            .prefix("twinsum-guest-")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                Path::new("/dev/shm")
+            } else {
+                dir.path()
+            })
+            .map_err(|e| format!("cannot create a directory for the stage: {e}"))?;
+        let stage = shm.path().join("disk.stage");
         let mut cmd = match kind {
             BackendKind::Twinsum => {
                 run_twinsum(&[
@@ -213,6 +226,7 @@ impl Backend {
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsum"));
                 cmd.args(["serve", "--socket", path_str(&socket)?])
                     .args(["--data", path_str(&img)?, "--meta", path_str(&meta)?])
+                    .args(["--stage", path_str(&stage)?])
                     .args(serve_args);
                 if std::env::var_os("RUST_LOG").is_none() {
                     // The tests read the info-level lines (synchronous mode).
@@ -247,6 +261,8 @@ impl Backend {
         let mut backend = Backend {
             kind,
             _dir: dir,
+            _shm: shm,
+            stage,
             img,
             meta,
             socket,
@@ -702,7 +718,8 @@ impl Drop for Session {
 
 impl Session {
     /// Stop the backend with SIGTERM; for twinsum, also require that it
-    /// exits 0, that `info` calls the metadata clean, and that `check` finds
+    /// exits 0, that `info` calls the metadata clean, that no write-back
+    /// stage is left behind, and that `check` finds
     /// every block of IMG matching its metadata (what the guest left behind
     /// is consistent, not just readable).
     pub fn stop_and_verify_metadata(&mut self) {
@@ -717,6 +734,12 @@ impl Session {
         let info = self.check(twinsum_info(&self.backend.meta));
         if info.get("clean") != Some(&serde_json::Value::Bool(true)) {
             self.fail(format!("metadata not clean after SIGTERM: {info}"));
+        }
+        if self.backend.stage.exists() {
+            self.fail(format!(
+                "SIGTERM left the write-back stage {} behind",
+                self.backend.stage.display()
+            ));
         }
         let (img, meta) = (&self.backend.img, &self.backend.meta);
         let checked = path_str(img).and_then(|img| {

@@ -6,9 +6,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::*;
+use crate::integrity::hash::ZERO;
 use crate::io::volatile::MemDevice;
 use crate::io::Device;
-use crate::meta::Superblock;
+use crate::meta::{Metadata, Pair, Superblock};
 
 /// An in-memory device whose writes are immediately durable, which counts
 /// syncs and can be told to fail writes.
@@ -418,7 +419,8 @@ fn a_write_back_failure_fails_the_next_flush() {
     // Completes: the data is held by the write-back stage.
     e.write(2, &pattern(512, 1, 1)).unwrap();
     let err = e.flush().unwrap_err();
-    assert!(err.to_string().contains("injected write failure"), "{err}");
+    let text = crate::error::Chain(&err).to_string();
+    assert!(text.contains("injected write failure"), "{text}");
     // Reported once; the block's pair still covers what the disk holds.
     disk.data.fail_writes.store(false, Ordering::SeqCst);
     e.flush().unwrap();

@@ -1,0 +1,288 @@
+//! The Clean/Pending state machine of DESIGN §2.
+//!
+//! - A write to a Clean block sets `new := c(X)` (old still covers the
+//!   durable content) before its data moves ([`super::rounds`]).
+//! - A write to a Pending block first syncs the data device, which turns
+//!   every Pending block whose writes completed before the sync began into
+//!   Clean (`old := new`): [`Core::make_writable`], [`Core::flush_data`].
+//! - FLUSH syncs the data device the same way; the forgotten old checksums
+//!   reach the metadata device lazily.
+//! - A pair with two different slots that is not Pending was left by a
+//!   crash (or a failed write): [`Core::resolve`] reads the block to learn
+//!   which slot it matches before a new write makes it Pending again.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard, PoisonError};
+
+use log::warn;
+
+use super::rounds::Update;
+use super::{Core, EngineError};
+use crate::integrity::hash::{self, Verdict};
+use crate::meta::{MetaError, Metadata, Pair};
+
+/// A block written since the last data sync.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PendingBlock {
+    /// Data writes to it issued and not yet completed.
+    pub inflight: u32,
+    /// Event number at which its last write completed.
+    pub completed: u64,
+}
+
+/// What the state lock guards.
+pub(super) struct State {
+    pub meta: Metadata,
+    pub pending: HashMap<u64, PendingBlock>,
+    /// Counts write starts and completions, to tell which completed before
+    /// a data sync began.
+    pub events: u64,
+    /// The on-disk superblock says "dirty" already.
+    pub marked_dirty: bool,
+    /// Zeroings issued and not completed. Their already-zero blocks do not
+    /// enter the Pending set (nothing changes for them on a crash), but a
+    /// write to such a block must not overtake the hole punch.
+    pub zeroing: Vec<(u64, u64)>,
+}
+
+impl State {
+    pub fn new(meta: Metadata, marked_dirty: bool) -> Self {
+        Self {
+            meta,
+            pending: HashMap::new(),
+            events: 0,
+            marked_dirty,
+            zeroing: Vec::new(),
+        }
+    }
+}
+
+impl Core {
+    /// Wait until no block of `round` is Pending, syncing the data device
+    /// once if needed, and return the state lock with all of them Clean.
+    pub(super) fn make_writable(
+        &self,
+        round: &[Update<'_>],
+    ) -> Result<MutexGuard<'_, State>, EngineError> {
+        let mut st = self.lock();
+        let mut resolves = 0;
+        loop {
+            if !st.marked_dirty {
+                let mut sb = st.meta.superblock().clone();
+                sb.clean = false;
+                self.store_superblock(&mut st, sb)?;
+                st.marked_dirty = true;
+            }
+            let mut busy = false;
+            let mut pending = false;
+            let mut uncertain = Vec::new();
+            for u in round {
+                let end = u.block + u.count;
+                busy |= st.zeroing.iter().any(|&(b, e)| b < end && u.block < e);
+                for b in u.block..end {
+                    if let Some(p) = st.pending.get(&b) {
+                        pending = true;
+                        busy |= p.inflight > 0;
+                    } else {
+                        let p = st.meta.get(b)?;
+                        if p.new != p.old {
+                            uncertain.push((b, p));
+                        }
+                    }
+                }
+            }
+            if busy {
+                // Rewrite of a block whose earlier write is still in flight:
+                // the sync must begin after that write completed.
+                st = self
+                    .completed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            if pending {
+                drop(st);
+                self.flush_data()?;
+                st = self.lock();
+                continue;
+            }
+            if !uncertain.is_empty() {
+                // A device that loses the pages we wrote (the simulated one
+                // after a power cut, a lying disk) could keep us here
+                // forever; fail the write instead.
+                resolves += 1;
+                if resolves > 3 {
+                    return Err(EngineError::Meta(MetaError::Io {
+                        what: "settling pairs left by a crash",
+                        source: Arc::new(io::Error::other(format!(
+                            "block {}: the metadata device does not keep what was written",
+                            uncertain[0].0
+                        ))),
+                    }));
+                }
+                drop(st);
+                self.resolve(&uncertain)?;
+                st = self.lock();
+                continue;
+            }
+            return Ok(st);
+        }
+    }
+
+    /// Blocks whose pair has two different checksums but are not Pending:
+    /// left by a crash or a failed data write. Find which slot it matches
+    /// so that `old` describes it before a new write makes it Pending again.
+    fn resolve(&self, blocks: &[(u64, Pair)]) -> Result<(), EngineError> {
+        // What we read must be what a power cut would leave.
+        self.data
+            .sync()
+            .map_err(EngineError::io("syncing data before resolving blocks"))?;
+        let mut buf = vec![0u8; self.block_size as usize];
+        let mut settled = Vec::with_capacity(blocks.len());
+        for &(b, p) in blocks {
+            self.data
+                .read_at(&mut buf, self.offset(b))
+                .map_err(EngineError::io("reading a block left pending by a crash"))?;
+            let sum = match hash::verify(self.salt, b, &buf, p.new, p.old) {
+                Verdict::New => p.new,
+                Verdict::Old => p.old,
+                // Damaged: keep both slots so the damage stays visible.
+                Verdict::Neither => continue,
+            };
+            settled.push((b, p, sum));
+        }
+        let mut st = self.lock();
+        for (b, p, sum) in settled {
+            // Skip a block somebody else wrote meanwhile.
+            if !st.pending.contains_key(&b) && st.meta.get(b)? == p {
+                st.meta.set(b, Pair { new: sum, old: sum })?;
+            }
+        }
+        // Blocks that matched neither: make them look settled to the write
+        // path by collapsing onto `old`; reads of the damage still fail.
+        for &(b, p) in blocks {
+            if !st.pending.contains_key(&b) && st.meta.get(b)? == p {
+                st.meta.set(
+                    b,
+                    Pair {
+                        new: p.old,
+                        old: p.old,
+                    },
+                )?;
+            }
+        }
+        self.pair_changes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Mark the round's data writes completed.
+    ///
+    /// A block whose write failed holds unknown content, so a later sync
+    /// must not collapse its pair onto `new`: it leaves the Pending set with
+    /// both slots kept, and the next write to it resolves it from the data
+    /// (as after a crash).
+    pub(super) fn complete(&self, round: &[Update<'_>], failed: &[bool]) {
+        let mut st = self.lock();
+        st.events += 1;
+        let now = st.events;
+        for (u, &failed) in round.iter().zip(failed) {
+            if u.is_zero() {
+                let range = (u.block, u.block + u.count);
+                if let Some(i) = st.zeroing.iter().position(|&r| r == range) {
+                    st.zeroing.swap_remove(i);
+                }
+            }
+            for b in u.block..u.block + u.count {
+                if let Some(p) = st.pending.get_mut(&b) {
+                    p.inflight = p.inflight.saturating_sub(1);
+                    p.completed = now;
+                    if failed && p.inflight == 0 {
+                        st.pending.remove(&b);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.completed.notify_all();
+    }
+
+    /// Sync the data device (shared with every thread that needs one now)
+    /// and forget the old checksum of each block whose writes had all
+    /// completed before the sync began.
+    pub(super) fn flush_data(&self) -> Result<(), EngineError> {
+        let ticket = self.data_gate.ticket();
+        self.data_gate
+            .sync_after(ticket, || {
+                let began = self.lock().events;
+                self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+                self.data.sync()?;
+                self.forget_old(began);
+                Ok(())
+            })
+            .map_err(EngineError::io("syncing the data device"))
+    }
+
+    fn forget_old(&self, began: u64) {
+        let mut st = self.lock();
+        let settled: Vec<u64> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.inflight == 0 && p.completed <= began)
+            .map(|(&b, _)| b)
+            .collect();
+        for b in settled {
+            st.pending.remove(&b);
+            let forgotten = st.meta.get(b).and_then(|p| {
+                st.meta.set(
+                    b,
+                    Pair {
+                        new: p.new,
+                        old: p.new,
+                    },
+                )
+            });
+            if let Err(e) = forgotten {
+                // Keeping both slots is always safe; only detection of a
+                // stale old content is weaker.
+                warn!(
+                    "cannot forget the old checksum of block {b}: {}",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
+        // Inside the lock: a read that sees the new pairs must also see
+        // the bump, or it would report the race as a mismatch.
+        self.pair_changes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Make the metadata on disk fully current: sync data, forget every old
+    /// checksum that can be forgotten, write back, sync metadata.
+    pub(super) fn settle(&self) -> Result<(), EngineError> {
+        self.drain();
+        self.settle_issued()
+    }
+
+    /// [`Self::settle`] for the writes already issued: what the commit
+    /// thread runs after its own batch in synchronous mode (draining there
+    /// would wait for itself).
+    pub(super) fn settle_issued(&self) -> Result<(), EngineError> {
+        {
+            // Writes in flight would stay Pending through the sync.
+            let mut st = self.lock();
+            while !st.zeroing.is_empty() || st.pending.values().any(|p| p.inflight > 0) {
+                st = self
+                    .completed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        self.flush_data()?;
+        let ticket = {
+            let mut st = self.lock();
+            self.commit_locked(&mut st)?
+        };
+        self.sync_meta(ticket)
+    }
+}

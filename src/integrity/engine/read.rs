@@ -1,0 +1,73 @@
+//! Verified reads (DESIGN §2.4).
+
+use std::sync::atomic::Ordering;
+
+use log::error;
+
+use super::{Core, EngineError, OnMismatch};
+use crate::integrity::hash::{self, Verdict};
+use crate::meta::Pair;
+
+/// Reads retry at most this often while pairs keep changing under them.
+const READ_RETRIES: usize = 16;
+
+impl Core {
+    pub(super) fn read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        let count = self.block_count(buf.len())?;
+        self.check_range(block, count)?;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let bs = self.block_size as usize;
+        let mut pairs = vec![Pair::default(); count as usize];
+        let mut queued_data = Vec::new();
+        for attempt in 0.. {
+            // Writes still in the write-back stage are the newest content
+            // of their blocks; copy them before reading the device, so a
+            // write that leaves the stage meanwhile is not missed.
+            let queued = match &self.wb {
+                Some(wb) => {
+                    queued_data.resize(buf.len(), 0);
+                    wb.copy_queued(block, count, bs, &mut queued_data)
+                }
+                None => Vec::new(),
+            };
+            // Pairs are read after the data: a write sets `new` before its
+            // data is issued, so the pairs are never older than the data.
+            let before = self.pair_changes.load(Ordering::SeqCst);
+            self.data
+                .read_at(buf, self.offset(block))
+                .map_err(EngineError::io("reading data"))?;
+            self.lock().meta.get_range(block, &mut pairs)?;
+            let raced = self.pair_changes.load(Ordering::SeqCst) != before;
+
+            let mut bad = Vec::new();
+            for (i, (data, p)) in buf.chunks_exact_mut(bs).zip(&pairs).enumerate() {
+                let b = block + i as u64;
+                if queued.get(i).copied().unwrap_or(false) {
+                    data.copy_from_slice(&queued_data[i * bs..(i + 1) * bs]);
+                } else if hash::verify(self.salt, b, data, p.new, p.old) == Verdict::Neither {
+                    bad.push(b);
+                }
+            }
+            if bad.is_empty() {
+                return Ok(());
+            }
+            if raced && attempt < READ_RETRIES {
+                continue;
+            }
+            self.counters
+                .mismatches
+                .fetch_add(bad.len() as u64, Ordering::Relaxed);
+            for b in &bad {
+                error!(
+                    "checksum mismatch in block {b} (byte offset {}): its data matches neither stored checksum",
+                    self.offset(*b)
+                );
+            }
+            return match self.opts.on_mismatch {
+                OnMismatch::Error => Err(EngineError::Mismatch { block: bad[0] }),
+                OnMismatch::Log => Ok(()),
+            };
+        }
+        unreachable!("the retry loop returns")
+    }
+}

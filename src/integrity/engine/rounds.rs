@@ -1,0 +1,278 @@
+//! Committing updates: a batch is split into rounds in which no block
+//! repeats; each round sets its new checksums, makes them durable with one
+//! metadata sync (shared with every thread committing at that moment), and
+//! only then moves the data.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+
+use log::error;
+
+use super::{Core, EngineError};
+use crate::integrity::gate::Ticket;
+use crate::integrity::hash::ZERO;
+use crate::meta::Pair;
+
+/// A DISCARD of a huge range is committed in chunks of this many blocks, so
+/// the Pending set and the dirty pages stay bounded.
+pub(super) const ZERO_CHUNK: u64 = 1 << 16;
+
+/// Where the new content of an update comes from.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// Memory the caller owns.
+    Mem(&'a [u8]),
+    /// A complete record of the write-back stage.
+    Staged { offset: u64, len: usize },
+    /// The range becomes zeros.
+    Zero,
+}
+
+/// One block-range update of a write batch.
+pub(super) struct Update<'a> {
+    /// Index of the op in the caller's batch.
+    pub op: usize,
+    pub block: u64,
+    pub count: u64,
+    pub source: Source<'a>,
+    /// Checksum per block (ZERO for zeroed blocks).
+    pub sums: Vec<u64>,
+}
+
+impl Update<'_> {
+    pub fn is_zero(&self) -> bool {
+        matches!(self.source, Source::Zero)
+    }
+}
+
+impl Core {
+    /// Route a batch's updates: writes into the write-back stage (when it
+    /// is in use and the write fits), everything else committed directly.
+    pub(super) fn write_updates(
+        &self,
+        mut updates: Vec<Update<'_>>,
+        results: &mut [Result<(), EngineError>],
+    ) {
+        // Hash before taking any lock: the data is ours and does not change.
+        for u in &mut updates {
+            u.sums = match u.source {
+                Source::Mem(d) => self.sums_of(u.block, d),
+                Source::Zero => vec![ZERO; u.count as usize],
+                Source::Staged { .. } => std::mem::take(&mut u.sums),
+            };
+        }
+        let Some(wb) = self.wb.as_ref().filter(|_| !self.sync_mode()) else {
+            self.drain();
+            self.write_rounds(updates, results);
+            return;
+        };
+        // Writes join the stage in order; a zeroing (or a write too large
+        // for the stage) waits for what queued before it, so it cannot be
+        // overtaken by an older write.
+        let mut direct = Vec::new();
+        for u in updates {
+            match u.source {
+                Source::Mem(data) if wb.fits(data.len()) => {
+                    if !direct.is_empty() {
+                        self.drain();
+                        self.write_rounds(std::mem::take(&mut direct), results);
+                    }
+                    if let Err(e) = self.enqueue(wb, u.block, u.count, data, u.sums) {
+                        results[u.op] = Err(e);
+                    }
+                }
+                _ => direct.push(u),
+            }
+        }
+        if !direct.is_empty() {
+            self.drain();
+            self.write_rounds(direct, results);
+        }
+    }
+
+    /// Commit `updates` round by round; each failure goes to the ops of
+    /// its round.
+    pub(super) fn write_rounds(
+        &self,
+        updates: Vec<Update<'_>>,
+        results: &mut [Result<(), EngineError>],
+    ) {
+        for round in split_rounds(updates) {
+            if let Err(e) = self.write_round(&round) {
+                for u in &round {
+                    if results[u.op].is_ok() {
+                        results[u.op] = Err(e.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commit and write one round: no block appears twice in it.
+    fn write_round(&self, round: &[Update<'_>]) -> Result<(), EngineError> {
+        let mut st = self.make_writable(round)?;
+
+        // The blocks are Clean (or zero) now: old covers the durable content.
+        st.events += 1;
+        for u in round {
+            if u.is_zero() {
+                st.zeroing.push((u.block, u.block + u.count));
+            }
+            for (i, &sum) in u.sums.iter().enumerate() {
+                let b = u.block + i as u64;
+                let p = st.meta.get(b)?;
+                if sum == ZERO && p == Pair::default() {
+                    // Reads as zeros already, whatever the punch does.
+                    continue;
+                }
+                st.meta.set(
+                    b,
+                    Pair {
+                        new: sum,
+                        old: p.old,
+                    },
+                )?;
+                let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
+                    inflight: 0,
+                    completed: 0,
+                });
+                e.inflight += 1;
+            }
+        }
+        self.pair_changes.fetch_add(1, Ordering::SeqCst);
+        let commit = self.commit_locked(&mut st);
+        drop(st);
+        let mut result = commit.and_then(|ticket| self.sync_meta(ticket));
+
+        // Only now may the data move: its checksum is durable.
+        let mut failed = vec![false; round.len()];
+        if result.is_ok() {
+            for (u, failed) in round.iter().zip(&mut failed) {
+                if let Err(e) = self.write_data(u) {
+                    error!(
+                        "data write of blocks {}+{} failed: {e}; their checksums still cover the old and the new content",
+                        u.block, u.count
+                    );
+                    *failed = true;
+                    result = Err(EngineError::io("writing data")(e));
+                }
+            }
+        }
+        self.complete(round, &failed);
+        self.counters
+            .writes
+            .fetch_add(round.len() as u64, Ordering::Relaxed);
+        result?;
+
+        if self.sync_mode() {
+            self.settle_issued()?;
+        } else if self.lock().pending.len() > self.opts.pending_limit {
+            // Bound the window of weakened detection for guests that never
+            // flush.
+            self.flush_data()?;
+        }
+        Ok(())
+    }
+
+    fn write_data(&self, u: &Update<'_>) -> io::Result<()> {
+        let at = self.offset(u.block);
+        match u.source {
+            Source::Mem(d) => self.data.write_at(d, at),
+            Source::Zero => self.data.zero_range(at, self.offset(u.count)),
+            Source::Staged { offset, len } => match &self.wb {
+                Some(wb) => wb.with_data(offset, len, &mut |d| self.data.write_at(d, at)),
+                None => Err(io::Error::other("a staged write without a stage")),
+            },
+        }
+    }
+
+    /// Write every dirty page now (under the state lock, so page writes
+    /// land in the order pairs changed) and return the ticket a metadata
+    /// sync must satisfy.
+    pub(super) fn commit_locked(&self, st: &mut super::State) -> Result<Ticket, EngineError> {
+        st.meta.write_dirty()?;
+        Ok(self.meta_gate.ticket())
+    }
+
+    pub(super) fn sync_meta(&self, ticket: Ticket) -> Result<(), EngineError> {
+        self.meta_gate
+            .sync_after(ticket, || {
+                self.counters.meta_syncs.fetch_add(1, Ordering::Relaxed);
+                self.meta_dev.sync()
+            })
+            .map_err(EngineError::meta_io("syncing metadata"))
+    }
+}
+
+/// Split a batch into rounds in which no block repeats, keeping the order
+/// of updates that touch the same block (a later write must land later),
+/// and no round covers much more than [`ZERO_CHUNK`] blocks.
+///
+/// Batches from the write-back stage hold thousands of updates, so small
+/// updates are placed through a per-block map (linear); the few large
+/// ranges (zeroings) are kept as intervals.
+pub(super) fn split_rounds(updates: Vec<Update<'_>>) -> Vec<Vec<Update<'_>>> {
+    const SMALL: u64 = 64;
+    let mut rounds: Vec<(u64, Vec<Update<'_>>)> = Vec::new();
+    // The last round each block of a small update went to.
+    let mut small: HashMap<u64, usize> = HashMap::new();
+    let mut large: Vec<(u64, u64, usize)> = Vec::new();
+    for u in updates {
+        let end = u.block + u.count;
+        let after_large = large
+            .iter()
+            .filter(|&&(b, e, _)| b < end && u.block < e)
+            .map(|&(_, _, r)| r + 1)
+            .max();
+        let after_small = if u.count <= small.len() as u64 {
+            (u.block..end)
+                .filter_map(|b| small.get(&b))
+                .map(|&r| r + 1)
+                .max()
+        } else {
+            small
+                .iter()
+                .filter(|(&b, _)| u.block <= b && b < end)
+                .map(|(_, &r)| r + 1)
+                .max()
+        };
+        let mut round = after_large.max(after_small).unwrap_or(0);
+        while rounds
+            .get(round)
+            .is_some_and(|(n, r)| !r.is_empty() && n + u.count > ZERO_CHUNK)
+        {
+            round += 1;
+        }
+        if u.count <= SMALL {
+            for b in u.block..end {
+                small.insert(b, round);
+            }
+        } else {
+            large.push((u.block, end, round));
+        }
+        if rounds.len() <= round {
+            rounds.resize_with(round + 1, || (0, Vec::new()));
+        }
+        rounds[round].0 += u.count;
+        rounds[round].1.push(u);
+    }
+    rounds.into_iter().map(|(_, r)| r).collect()
+}
+
+pub(super) fn zero_chunks<'a>(
+    op: usize,
+    block: u64,
+    count: u64,
+) -> impl Iterator<Item = Update<'a>> {
+    (0..count.div_ceil(ZERO_CHUNK)).map(move |i| {
+        let start = block + i * ZERO_CHUNK;
+        Update {
+            op,
+            block: start,
+            count: ZERO_CHUNK.min(block + count - start),
+            source: Source::Zero,
+            sums: Vec::new(),
+        }
+    })
+}

@@ -1,0 +1,392 @@
+//! The write-back stage: writes that completed before their data reached
+//! the image.
+//!
+//! A write is recorded in the [`Stage`] (a region that outlives the
+//! process) and completes; the commit thread takes the records in sequence
+//! order, commits all their checksums with one metadata sync, writes their
+//! data, and only then releases them from the stage. So at every instant a
+//! completed write is in the stage or in the image (whose host page cache
+//! survives the process), and a restarted engine replays the stage in the
+//! same order the commit thread would have applied it.
+//!
+//! Several queues fill records at once: a record's place is reserved in
+//! order under the stage lock, its data copied outside it. The commit
+//! thread takes only the filled prefix of the queue, so it applies writes
+//! in exactly the order replay would.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use log::error;
+
+use super::rounds::{Source, Update};
+use super::{Core, EngineError};
+use crate::stage::{Filler, Record, Slot, Stage};
+
+const RESERVED: u8 = 0;
+const FILLED: u8 = 1;
+/// Filling failed: the write returned an error and is never applied.
+const FAILED: u8 = 2;
+
+/// A write held in the stage.
+struct Entry {
+    slot: Slot,
+    block: u64,
+    count: u64,
+    sums: Vec<u64>,
+    state: AtomicU8,
+}
+
+impl Entry {
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+struct Wb {
+    stage: Stage,
+    /// Reserved records not yet taken by the commit thread, in order.
+    queue: VecDeque<Arc<Entry>>,
+    /// Newest filled record per block, for reads.
+    overlay: HashMap<u64, Arc<Entry>>,
+    /// Records reserved and not yet committed (queued or being committed).
+    outstanding: u64,
+    /// Sequence number of the last write reserved, and of the last one
+    /// committed (its data written, its record released).
+    reserved: u64,
+    committed: u64,
+    /// A staged write that failed after its completion was reported; the
+    /// next FLUSH returns it.
+    deferred: Option<EngineError>,
+    stopping: bool,
+}
+
+/// The stage and the queue the commit thread works through.
+pub(super) struct Writeback {
+    m: Mutex<Wb>,
+    /// Wakes the commit thread: a record was filled, or stop.
+    work: Condvar,
+    /// Records were committed (room in the stage, drains may be done).
+    done: Condvar,
+    filler: Filler,
+}
+
+impl Writeback {
+    pub fn new(stage: Stage) -> Self {
+        Self {
+            filler: stage.filler(),
+            m: Mutex::new(Wb {
+                stage,
+                queue: VecDeque::new(),
+                overlay: HashMap::new(),
+                outstanding: 0,
+                reserved: 0,
+                committed: 0,
+                deferred: None,
+                stopping: false,
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Wb> {
+        self.m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a write of `len` bytes goes through the stage.
+    pub fn fits(&self, len: usize) -> bool {
+        self.lock().stage.fits(len)
+    }
+
+    /// Writes completed and not yet in the image.
+    pub fn queued(&self) -> u64 {
+        self.lock().outstanding
+    }
+
+    pub fn set_generation(&self, generation: u64) -> Result<(), EngineError> {
+        Ok(self.lock().stage.set_generation(generation)?)
+    }
+
+    pub fn with_data(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.filler.with_data(offset, len, f)
+    }
+
+    /// Stop the commit thread after its current round; wake every waiter.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.work.notify_all();
+        self.done.notify_all();
+    }
+
+    /// Copy the newest queued content of each block of `block..+count`
+    /// into the matching part of `out`; returns which blocks it copied.
+    /// Under the stage lock, so no record is released (and its space
+    /// reused) while it is copied.
+    pub fn copy_queued(&self, block: u64, count: u64, bs: usize, out: &mut [u8]) -> Vec<bool> {
+        let wb = self.lock();
+        if wb.overlay.is_empty() {
+            return Vec::new();
+        }
+        (0..count)
+            .map(|i| {
+                let Some(e) = wb.overlay.get(&(block + i)) else {
+                    return false;
+                };
+                let at = e.slot.data_offset + (block + i - e.block) * bs as u64;
+                let dst = &mut out[i as usize * bs..(i as usize + 1) * bs];
+                match self.filler.read(dst, at) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        error!("cannot read a queued write of block {}: {e}", block + i);
+                        false
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+impl Core {
+    /// Record a write in the stage; it is complete when this returns Ok.
+    pub(super) fn enqueue(
+        &self,
+        wb: &Writeback,
+        block: u64,
+        count: u64,
+        data: &[u8],
+        sums: Vec<u64>,
+    ) -> Result<(), EngineError> {
+        let entry = {
+            let mut st = wb.lock();
+            let slot = loop {
+                if st.stopping {
+                    return Err(EngineError::Stopping);
+                }
+                if let Some(slot) = st.stage.reserve(block, data.len())? {
+                    break slot;
+                }
+                // The stage is full: wait for the commit thread.
+                st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+            };
+            let e = Arc::new(Entry {
+                slot,
+                block,
+                count,
+                sums,
+                state: AtomicU8::new(RESERVED),
+            });
+            st.queue.push_back(e.clone());
+            st.outstanding += 1;
+            st.reserved = slot.seq;
+            e
+        };
+        // Outside the lock: queues fill their records in parallel.
+        let filled = wb.filler.fill(&entry.slot, data);
+        let mut st = wb.lock();
+        match &filled {
+            Ok(()) => {
+                entry.state.store(FILLED, Ordering::Release);
+                for b in block..block + count {
+                    let newer = st
+                        .overlay
+                        .get(&b)
+                        .map_or(true, |o| o.slot.seq < entry.slot.seq);
+                    if newer {
+                        st.overlay.insert(b, entry.clone());
+                    }
+                }
+            }
+            Err(_) => entry.state.store(FAILED, Ordering::Release),
+        }
+        drop(st);
+        wb.work.notify_one();
+        filled.map_err(EngineError::io("recording a write in the write-back stage"))
+    }
+
+    /// Wait until every write staged before this call has been committed.
+    pub(super) fn drain(&self) {
+        let Some(wb) = &self.wb else {
+            return;
+        };
+        let mut st = wb.lock();
+        let target = st.reserved;
+        while st.committed < target && !st.stopping {
+            st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The commit thread: take the filled prefix of the queue, commit it as
+    /// one batch (one metadata sync for all of it), write the data, release
+    /// it from the stage, repeat.
+    pub(super) fn run_committer(&self) {
+        let Some(wb) = &self.wb else {
+            return;
+        };
+        loop {
+            let batch: Vec<Arc<Entry>> = {
+                let mut st = wb.lock();
+                loop {
+                    if st.stopping {
+                        return;
+                    }
+                    if st.queue.front().is_some_and(|e| e.state() != RESERVED) {
+                        break;
+                    }
+                    st = wb.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+                let n = st
+                    .queue
+                    .iter()
+                    .position(|e| e.state() == RESERVED)
+                    .unwrap_or(st.queue.len());
+                st.queue.drain(..n).collect()
+            };
+            let live = not_superseded(&batch);
+            let updates = batch
+                .iter()
+                .enumerate()
+                .filter(|&(i, e)| live[i] && e.state() == FILLED)
+                .map(|(i, e)| Update {
+                    op: i,
+                    block: e.block,
+                    count: e.count,
+                    source: Source::Staged {
+                        offset: e.slot.data_offset,
+                        len: e.slot.len as usize,
+                    },
+                    sums: e.sums.clone(),
+                })
+                .collect();
+            let mut results: Vec<Result<(), EngineError>> = batch.iter().map(|_| Ok(())).collect();
+            self.write_rounds(updates, &mut results);
+
+            let mut st = wb.lock();
+            for (e, r) in batch.iter().zip(&results) {
+                for b in e.block..e.block + e.count {
+                    if st.overlay.get(&b).is_some_and(|o| Arc::ptr_eq(o, e)) {
+                        st.overlay.remove(&b);
+                    }
+                }
+                if let Err(err) = r {
+                    error!(
+                        "write of blocks {}+{} failed after it completed: {}; the next flush reports it",
+                        e.block,
+                        e.count,
+                        crate::error::Chain(err)
+                    );
+                    st.deferred = Some(err.clone());
+                }
+            }
+            if let Some(last) = batch.last() {
+                // Every record up to `last` is in the image now (or failed
+                // and was reported): the stage may forget them.
+                if let Err(e) = st.stage.release(last.slot.end, last.slot.seq + 1) {
+                    error!(
+                        "cannot release written records from the stage: {}",
+                        crate::error::Chain(&e)
+                    );
+                    st.deferred = Some(e.into());
+                }
+                st.committed = last.slot.seq;
+            }
+            st.outstanding -= batch.len() as u64;
+            drop(st);
+            wb.done.notify_all();
+        }
+    }
+
+    /// FLUSH: everything completed so far reaches the data device and is
+    /// synced; a write-back failure since the last flush fails this one.
+    pub(super) fn flush_all(&self) -> Result<(), EngineError> {
+        self.drain();
+        self.flush_data()?;
+        match self.wb.as_ref().and_then(|wb| wb.lock().deferred.take()) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// At open: apply the records a dead engine left, in order (commit
+    /// their checksums, then write their data), then release them.
+    pub(super) fn replay(&self, records: &[Record]) -> Result<(), EngineError> {
+        let Some(wb) = &self.wb else {
+            return Ok(());
+        };
+        if records.is_empty() {
+            return Ok(());
+        }
+        let bs = self.block_size as usize;
+        let mut updates = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            let len = r.len as usize;
+            let count = (len / bs) as u64;
+            if len % bs != 0 || self.check_range(r.block, count).is_err() {
+                // A record that verifies cannot say this unless the stage
+                // was written by a twinsum with other geometry.
+                return Err(EngineError::Io {
+                    what: "replaying the write-back stage",
+                    source: Arc::new(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "record {} writes {len} bytes at block {}, which this disk cannot hold",
+                            r.seq, r.block
+                        ),
+                    )),
+                });
+            }
+            let mut sums = Vec::new();
+            wb.with_data(r.data_offset, len, &mut |d| {
+                sums = self.sums_of(r.block, d);
+                Ok(())
+            })
+            .map_err(EngineError::io("reading the write-back stage"))?;
+            updates.push(Update {
+                op: i,
+                block: r.block,
+                count,
+                source: Source::Staged {
+                    offset: r.data_offset,
+                    len,
+                },
+                sums,
+            });
+        }
+        let mut results: Vec<Result<(), EngineError>> = records.iter().map(|_| Ok(())).collect();
+        self.write_rounds(updates, &mut results);
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            // The records stay: the next start tries again.
+            return Err(e);
+        }
+        wb.lock().stage.release_all()?;
+        Ok(())
+    }
+}
+
+/// Which staged writes still need writing: one whose every block a later
+/// write of the same batch overwrites never has to reach the disk (neither
+/// was flushed yet: a FLUSH drains the stage before it syncs), and
+/// skipping it spares the data sync a rewrite round would cost.
+fn not_superseded(batch: &[Arc<Entry>]) -> Vec<bool> {
+    let mut last: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
+    for (i, e) in batch.iter().enumerate() {
+        if e.state() != FILLED {
+            continue;
+        }
+        for b in e.block..e.block + e.count {
+            last.insert(b, i);
+        }
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.block..e.block + e.count).any(|b| last.get(&b) == Some(&i)))
+        .collect()
+}
