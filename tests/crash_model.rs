@@ -52,10 +52,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use twinsum::integrity::{hash, Engine, EngineError, EngineOptions, Op};
-use twinsum::io::volatile::{Fuse, PowerCutReport, VolatileDevice, SECTOR_SIZE};
-use twinsum::io::Device;
+use twinsum::integrity::{hash, Engine, EngineError, EngineOptions, Op, StageConfig};
+use twinsum::io::volatile::{Fuse, FusedRegion, PowerCutReport, VolatileDevice, SECTOR_SIZE};
+use twinsum::io::{Device, Region};
 use twinsum::meta::{meta_len, Metadata, Superblock, PAIR_SIZE, TABLE_OFFSET};
+use twinsum::stage::{MIN_CAPACITY, RING_START};
 
 const SECTOR: usize = SECTOR_SIZE as usize;
 const DEFAULT_SEEDS: u64 = 10_000;
@@ -146,6 +147,14 @@ struct Figures {
     torn_detected: AtomicU64,
     damaged_detected: AtomicU64,
     failed_cases: AtomicU64,
+    /// Deaths of the process (not the host): the devices' caches and the
+    /// write-back stage survive.
+    process_deaths: AtomicU64,
+    /// ... of which during the replay of an earlier death's stage.
+    deaths_in_replay: AtomicU64,
+    /// Completed writes that a restarted engine replayed from the stage.
+    replayed_writes: AtomicU64,
+    blocks_checked_after_death: AtomicU64,
 }
 
 impl Figures {
@@ -220,8 +229,24 @@ struct Case<'f> {
     next_id: u64,
     /// The metadata device of the current round, to check what is durable.
     meta: Option<Arc<VolatileDevice>>,
+    /// What the batch running when the process died wrote, per block: a
+    /// read after the restart may see any of it.
+    dying: Vec<(u64, Content)>,
     figures: &'f Figures,
 }
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// The host lost power: every un-synced sector kept or dropped, the
+    /// stage (tmpfs) gone.
+    PowerCut,
+    /// The twinsum process died; the host and its caches live on.
+    ProcessDeath,
+}
+
+/// Bytes of the write-back stage region (the smallest ring allowed).
+const STAGE_LEN: u64 = RING_START + MIN_CAPACITY;
 
 type Outcome = Result<(), String>;
 
@@ -282,6 +307,7 @@ impl<'f> Case<'f> {
             sync_mode: false,
             next_id: 1,
             meta: None,
+            dying: Vec::new(),
             figures,
             rng,
         }
@@ -300,17 +326,21 @@ impl<'f> Case<'f> {
             self.hot,
             crashes
         );
-        let (mut data_img, mut meta_img) = self.format()?;
+        let (data_img, meta_img) = self.format()?;
+        let mut fuse = Arc::new(Fuse::new());
+        let mut data = Arc::new(VolatileDevice::from_bytes(data_img).with_fuse(fuse.clone()));
+        let mut meta = Arc::new(VolatileDevice::from_bytes(meta_img).with_fuse(fuse.clone()));
+        let mut stage = Arc::new(FusedRegion::new(STAGE_LEN, fuse.clone()));
+        let mut boot = 1u8;
+        let mut last = None;
         for round in 0..=crashes {
-            let fuse = Arc::new(Fuse::new());
-            let data = Arc::new(VolatileDevice::from_bytes(data_img).with_fuse(fuse.clone()));
-            let meta = Arc::new(VolatileDevice::from_bytes(meta_img).with_fuse(fuse.clone()));
-            let engine = Engine::open(data.clone(), meta.clone(), self.opts.clone())
-                .map_err(|e| format!("reopen after crash {round} failed: {e}"))?;
+            let engine = self.open(&fuse, &data, &meta, &stage, boot, last, round)?;
             self.sync_mode = false;
             self.meta = Some(meta.clone());
-            if round > 0 {
-                self.check_survivors(&engine, &data)?;
+            match last {
+                Some(Crash::PowerCut) => self.check_survivors(&engine, &data)?,
+                Some(Crash::ProcessDeath) => self.check_after_death(&engine)?,
+                None => {}
             }
             if round == crashes {
                 break;
@@ -319,22 +349,171 @@ impl<'f> Case<'f> {
             for _ in 0..steps {
                 self.step(&engine, None)?;
             }
+            let crash = if self.rng.gen_ratio(1, 3) {
+                Crash::ProcessDeath
+            } else {
+                Crash::PowerCut
+            };
             // The crash: often in the middle of one more step.
+            self.dying.clear();
             if self.rng.gen_ratio(1, 2) {
                 let allowed = self.rng.gen_range(0..=12);
                 fuse.arm(allowed);
-                trace!(self, "power fails after {allowed} more device writes/syncs");
+                trace!(self, "{crash:?} after {allowed} more device writes/syncs");
                 self.step(&engine, Some(&fuse))?;
             }
-            // Power off first: nothing the engine does from here on (a
-            // background thread, its drop) may reach the devices.
+            // The instant of the crash: nothing the engine does from here
+            // on (a background thread, its drop) may count.
             fuse.arm(0);
-            let (d, m) = self.power_cut(&data, &meta)?;
             drop(engine);
-            data_img = d;
-            meta_img = m;
+            match crash {
+                Crash::ProcessDeath => {
+                    trace!(self, "PROCESS DEATH");
+                    Figures::add(&self.figures.process_deaths, 1);
+                    self.revive(&fuse, &data, &meta, &stage)?;
+                }
+                Crash::PowerCut => {
+                    let (d, m) = self.power_cut(&data, &meta)?;
+                    fuse = Arc::new(Fuse::new());
+                    data = Arc::new(VolatileDevice::from_bytes(d).with_fuse(fuse.clone()));
+                    meta = Arc::new(VolatileDevice::from_bytes(m).with_fuse(fuse.clone()));
+                    let fresh = FusedRegion::new(STAGE_LEN, fuse.clone());
+                    if self.rng.gen_bool(0.5) {
+                        // A stage on a disk-backed file system outlives the
+                        // host; the next boot must drop it, not replay it.
+                        stage.revive();
+                        let mut old = vec![0u8; STAGE_LEN as usize];
+                        stage.read_at(&mut old, 0).map_err(|e| e.to_string())?;
+                        fresh.write_at(&old, 0).map_err(|e| e.to_string())?;
+                        fuse.disarm();
+                    }
+                    stage = Arc::new(fresh);
+                    boot += 1;
+                }
+            }
+            last = Some(crash);
         }
         Figures::add(&self.figures.cases, 1);
+        Ok(())
+    }
+
+    /// Open the engine on the devices and the stage. After a process
+    /// death, sometimes die again while the stage is replayed, then open
+    /// once more.
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        fuse: &Arc<Fuse>,
+        data: &Arc<VolatileDevice>,
+        meta: &Arc<VolatileDevice>,
+        stage: &Arc<FusedRegion>,
+        boot: u8,
+        last: Option<Crash>,
+        round: usize,
+    ) -> Result<Engine, String> {
+        let open = || {
+            Engine::open_with_stage(
+                data.clone(),
+                meta.clone(),
+                StageConfig {
+                    region: stage.clone(),
+                    boot: [boot; 16],
+                },
+                self.opts.clone(),
+            )
+        };
+        while last == Some(Crash::ProcessDeath) && self.rng.gen_ratio(1, 3) {
+            let allowed = self.rng.gen_range(0..=20);
+            fuse.arm(allowed);
+            let r = open();
+            let tripped = fuse.tripped();
+            fuse.arm(0);
+            drop(r);
+            if !tripped {
+                fuse.disarm();
+                break;
+            }
+            trace!(
+                self,
+                "PROCESS DEATH while opening (after {allowed} device calls)"
+            );
+            Figures::add(&self.figures.deaths_in_replay, 1);
+            Figures::add(&self.figures.process_deaths, 1);
+            self.revive(fuse, data, meta, stage)?;
+        }
+        let engine = open().map_err(|e| {
+            format!(
+                "reopen after crash {round} failed: {}",
+                twinsum::error::Chain(&e)
+            )
+        })?;
+        Figures::add(&self.figures.replayed_writes, engine.replayed().writes);
+        trace!(self, "opened; replayed {:?}", engine.replayed());
+        Ok(engine)
+    }
+
+    /// Back to the instant the process died: devices and stage as they were.
+    fn revive(
+        &self,
+        fuse: &Fuse,
+        data: &VolatileDevice,
+        meta: &VolatileDevice,
+        stage: &FusedRegion,
+    ) -> Outcome {
+        data.revive().map_err(|e| e.to_string())?;
+        meta.revive().map_err(|e| e.to_string())?;
+        stage.revive();
+        fuse.disarm();
+        Ok(())
+    }
+
+    /// After a process death and restart: every block reads its last
+    /// completed content (or one the dying batch wrote), flushed or not.
+    fn check_after_death(&mut self, engine: &Engine) -> Outcome {
+        let mut buf = vec![0u8; self.bs];
+        for b in 0..self.blocks {
+            let r = engine.read(b, &mut buf);
+            Figures::add(&self.figures.blocks_checked_after_death, 1);
+            let m = &self.model[b as usize];
+            let dying: Vec<&Content> = self
+                .dying
+                .iter()
+                .filter(|(db, _)| *db == b)
+                .map(|(_, c)| c)
+                .collect();
+            let is_current = *m.current == *buf;
+            match r {
+                Ok(()) if (is_current && m.current_ok) || dying.iter().any(|c| ***c == *buf) => {}
+                Ok(()) => {
+                    return Err(format!(
+                        "after a process death block {b} reads {} but its last completed write is {}{} (dying batch: [{}])",
+                        tag(&buf),
+                        tag(&m.current),
+                        if m.current_ok { "" } else { " (damaged, must fail)" },
+                        dying.iter().map(|c| tag(c)).collect::<Vec<_>>().join(", ")
+                    ))
+                }
+                Err(EngineError::Mismatch { .. }) if !m.current_ok => {
+                    // A torn survivor of an earlier power cut, still caught
+                    // (the dying batch's write to it never landed).
+                    continue;
+                }
+                Err(e) => {
+                    if matches!(e, EngineError::Mismatch { .. }) {
+                        Figures::add(&self.figures.false_mismatches, 1);
+                    }
+                    return Err(format!(
+                        "after a process death block {b} fails to read: {e} (last completed {}, dying [{}])",
+                        tag(&m.current),
+                        dying.iter().map(|c| tag(c)).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            let m = &mut self.model[b as usize];
+            m.current = buf.as_slice().into();
+            m.current_ok = true;
+        }
+        self.dying.clear();
         Ok(())
     }
 
@@ -662,6 +841,7 @@ impl<'f> Case<'f> {
             for (b, c) in &batch_writes {
                 self.model[*b as usize].since.push(c.clone());
             }
+            self.dying = batch_writes;
             return Ok(());
         }
 
@@ -950,16 +1130,40 @@ fn crash_model() {
         );
     }
     assert_eq!(Figures::get(&figures.false_mismatches), 0);
+    // A model that never crashes (or never tears, or never replays) would
+    // pass vacuously: require that each kind of state was reached.
+    if seeds >= 1000 {
+        let per = |n: u64| n * seeds / 10_000;
+        for (what, have, need) in [
+            ("crash states", &figures.crashes, per(15_000)),
+            ("mid-operation crashes", &figures.mid_op_crashes, per(5_000)),
+            ("torn blocks detected", &figures.torn_detected, per(2_000)),
+            ("process deaths", &figures.process_deaths, per(5_000)),
+            ("deaths during replay", &figures.deaths_in_replay, per(300)),
+            ("replayed writes", &figures.replayed_writes, per(2_000)),
+        ] {
+            let have = Figures::get(have);
+            assert!(
+                have >= need,
+                "only {have} {what} in {seeds} seeds (at least {need} expected)"
+            );
+        }
+    }
 }
 
 fn report(f: &Figures, elapsed: Duration) {
     eprintln!(
-        "crash model: {} cases ({} failed), {} crashes ({} mid-operation), {} blocks checked after crashes, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
+        "crash model: {} cases ({} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
         Figures::get(&f.cases),
         Figures::get(&f.failed_cases),
+        Figures::get(&f.crashes) + Figures::get(&f.process_deaths),
         Figures::get(&f.crashes),
+        Figures::get(&f.process_deaths),
+        Figures::get(&f.deaths_in_replay),
         Figures::get(&f.mid_op_crashes),
+        Figures::get(&f.replayed_writes),
         Figures::get(&f.blocks_checked),
+        Figures::get(&f.blocks_checked_after_death),
         Figures::get(&f.reads_checked),
         Figures::get(&f.false_mismatches),
         Figures::get(&f.torn_detected),

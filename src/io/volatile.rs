@@ -519,6 +519,21 @@ impl VolatileDevice {
         Ok(report)
     }
 
+    /// The process that used this device died at the fuse's instant, but
+    /// the host lives on: go back to the state frozen then — durable image
+    /// *and* cache, which is the host's page cache and survives a process
+    /// death — forgetting every call made since. A device whose fuse never
+    /// tripped is unchanged.
+    pub fn revive(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        if let Some(frozen) = state.frozen.take() {
+            self.inner.write_at(&frozen.durable, 0)?;
+            state.versions = frozen.cache.values().map(Vec::len).sum();
+            state.cache = frozen.cache;
+        }
+        Ok(())
+    }
+
     /// Flip bit `bit` (0–7) of the byte at `offset`, in the durable image
     /// and in every cached version of its sector: whatever a later read or
     /// power cut yields carries the flip. Bypasses the fuse and counters
@@ -1184,5 +1199,77 @@ mod tests {
         assert!(dev.read_at(&mut [0; 1], SECTOR_SIZE).is_err());
         assert!(dev.zero_range(1, SECTOR_SIZE).is_err());
         assert!(dev.corrupt_flip_bit(SECTOR_SIZE, 0).is_err());
+    }
+}
+
+/// A [`Region`](super::Region) in process memory behind a [`Fuse`], for
+/// crash tests of the write-back stage: a region that outlives the process
+/// (tmpfs) keeps everything stored before the instant the process died;
+/// [`FusedRegion::revive`] goes back to that instant.
+#[derive(Debug)]
+pub struct FusedRegion {
+    fuse: Arc<Fuse>,
+    state: Mutex<RegionState>,
+}
+
+#[derive(Debug)]
+struct RegionState {
+    bytes: Vec<u8>,
+    frozen: Option<Vec<u8>>,
+}
+
+impl FusedRegion {
+    pub fn new(len: u64, fuse: Arc<Fuse>) -> Self {
+        Self {
+            fuse,
+            state: Mutex::new(RegionState {
+                bytes: vec![0; len as usize],
+                frozen: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RegionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Back to the content at the instant the fuse tripped, if it did.
+    pub fn revive(&self) {
+        let mut st = self.lock();
+        if let Some(frozen) = st.frozen.take() {
+            st.bytes = frozen;
+        }
+    }
+
+    /// Lose everything, as a host crash loses tmpfs.
+    pub fn wipe(&self) {
+        let mut st = self.lock();
+        st.bytes.fill(0);
+        st.frozen = None;
+    }
+}
+
+impl super::Region for FusedRegion {
+    fn len(&self) -> u64 {
+        self.lock().bytes.len() as u64
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        check_range(st.bytes.len() as u64, offset, buf.len() as u64)?;
+        if !self.fuse.pass() && st.frozen.is_none() {
+            st.frozen = Some(st.bytes.clone());
+        }
+        let at = offset as usize;
+        st.bytes[at..at + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let st = self.lock();
+        check_range(st.bytes.len() as u64, offset, buf.len() as u64)?;
+        let at = offset as usize;
+        buf.copy_from_slice(&st.bytes[at..at + buf.len()]);
+        Ok(())
     }
 }
