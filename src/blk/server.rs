@@ -266,11 +266,6 @@ impl DiskSpec {
         engine: Engine,
         power: Option<Arc<PowerSupply>>,
     ) -> Result<Current, ServeError> {
-        if !engine.was_clean() {
-            log::warn!(
-                "metadata was not closed cleanly (crash?); both checksum slots still verify"
-            );
-        }
         let limits = config::limits(engine.block_size(), engine.blocks());
         let disk = Disk::new(Arc::new(engine), limits, self.readonly, &self.serial);
         Ok(Current {

@@ -188,6 +188,33 @@ pub struct Backend {
     pub socket: PathBuf,
     child: Child,
     log: Arc<Captured>,
+    /// How to start it again (see `restart`).
+    program: String,
+    args: Vec<String>,
+    /// What earlier processes of this backend logged.
+    past_logs: String,
+}
+
+/// Start a backend process with its stderr captured.
+fn spawn_backend(
+    kind: BackendKind,
+    program: &str,
+    args: &[String],
+) -> Result<(Child, Arc<Captured>), String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if kind == BackendKind::Twinsum && std::env::var_os("RUST_LOG").is_none() {
+        // The tests read the info-level lines (synchronous mode).
+        cmd.env("RUST_LOG", "info");
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {kind:?}: {e}"))?;
+    let log = Captured::spawn(child.stderr.take().ok_or("no stderr pipe")?);
+    Ok((child, log))
 }
 
 impl Backend {
@@ -210,7 +237,7 @@ impl Backend {
             })
             .map_err(|e| format!("cannot create a directory for the stage: {e}"))?;
         let stage = shm.path().join("disk.stage");
-        let mut cmd = match kind {
+        let (program, args): (String, Vec<String>) = match kind {
             BackendKind::Twinsum => {
                 run_twinsum(&[
                     "format",
@@ -223,41 +250,41 @@ impl Backend {
                     "--block-size",
                     &block_size.to_string(),
                 ])?;
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsum"));
-                cmd.args(["serve", "--socket", path_str(&socket)?])
-                    .args(["--data", path_str(&img)?, "--meta", path_str(&meta)?])
-                    .args(["--stage", path_str(&stage)?])
-                    .args(serve_args);
-                if std::env::var_os("RUST_LOG").is_none() {
-                    // The tests read the info-level lines (synchronous mode).
-                    cmd.env("RUST_LOG", "info");
-                }
-                cmd
+                let mut args: Vec<String> = [
+                    "serve",
+                    "--socket",
+                    path_str(&socket)?,
+                    "--data",
+                    path_str(&img)?,
+                    "--meta",
+                    path_str(&meta)?,
+                    "--stage",
+                    path_str(&stage)?,
+                ]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+                args.extend(serve_args.iter().map(|a| a.to_string()));
+                (env!("CARGO_BIN_EXE_twinsum").to_owned(), args)
             }
             BackendKind::StorageDaemon => {
                 File::create(&img)
                     .and_then(|f| f.set_len(DISK_BYTES))
                     .map_err(|e| format!("cannot create {}: {e}", img.display()))?;
-                let mut cmd = Command::new(STORAGE_DAEMON);
-                cmd.arg("--blockdev").arg(format!(
-                    "driver=file,node-name=f,filename={}",
-                    path_str(&img)?
-                ));
-                cmd.arg("--export").arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
-                     writable=on,num-queues=2",
-                    path_str(&socket)?
-                ));
-                cmd
+                let args = vec![
+                    "--blockdev".to_owned(),
+                    format!("driver=file,node-name=f,filename={}", path_str(&img)?),
+                    "--export".to_owned(),
+                    format!(
+                        "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
+                         writable=on,num-queues=2",
+                        path_str(&socket)?
+                    ),
+                ];
+                (STORAGE_DAEMON.to_owned(), args)
             }
         };
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {kind:?}: {e}"))?;
-        let log = Captured::spawn(child.stderr.take().ok_or("no stderr pipe")?);
+        let (child, log) = spawn_backend(kind, &program, &args)?;
         let mut backend = Backend {
             kind,
             _dir: dir,
@@ -268,6 +295,9 @@ impl Backend {
             socket,
             child,
             log,
+            program,
+            args,
+            past_logs: String::new(),
         };
         backend.wait_listening()?;
         Ok(backend)
@@ -359,6 +389,27 @@ impl Backend {
             .ok_or_else(|| format!("backend still running {BACKEND_TIMEOUT:?} after SIGTERM"))
     }
 
+    /// Stop the backend with `sig` (SIGKILL: it dies at once; SIGTERM: an
+    /// orderly stop, as for an upgrade), start it again on the same disk
+    /// and stage, and wait until it listens. Its log starts afresh; the old
+    /// one is kept for the transcript.
+    pub fn restart(&mut self, sig: libc::c_int) -> Result<ExitStatus, String> {
+        self.signal(sig)?;
+        let status = wait_child(&mut self.child, BACKEND_TIMEOUT).ok_or_else(|| {
+            format!("backend still running {BACKEND_TIMEOUT:?} after signal {sig}")
+        })?;
+        let _ = write!(
+            self.past_logs,
+            "{}\n[ended with {status}; restarted]\n",
+            self.log()
+        );
+        let (child, log) = spawn_backend(self.kind, &self.program, &self.args)?;
+        self.child = child;
+        self.log = log;
+        self.wait_listening()?;
+        Ok(status)
+    }
+
     /// Flip every bit of the byte at `offset` of the data image, behind the
     /// backend's back (it reads with pread, so it sees the change at once).
     pub fn corrupt_byte(&self, offset: u64) -> Result<(), String> {
@@ -384,6 +435,7 @@ impl Backend {
             "== console ==\n{console}\n== backend ({:?}) ==\n",
             self.kind
         );
+        text.push_str(&self.past_logs);
         text.push_str(&self.log());
         let _ = fs::write(&path, text);
         path
@@ -444,7 +496,14 @@ impl Guest {
     /// Boot the test image with `twinsum.test=TEST` against `socket`. With
     /// `allow_reboot`, a guest reboot resets the machine (and the device)
     /// instead of ending QEMU.
-    fn boot(socket: &Path, test: &str, allow_reboot: bool) -> Result<Self, String> {
+    /// With `reconnect`, QEMU reconnects to the socket (every second) when
+    /// the backend goes away, as one runs a back-end that may restart.
+    fn boot(
+        socket: &Path,
+        test: &str,
+        allow_reboot: bool,
+        reconnect: bool,
+    ) -> Result<Self, String> {
         let (kernel, initrd) = guest_images()?;
         let mut cmd = Command::new(QEMU);
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "512M"])
@@ -462,7 +521,11 @@ impl Guest {
             .arg("-append")
             .arg(format!("console=ttyS0 quiet panic=-1 twinsum.test={test}"))
             .arg("-chardev")
-            .arg(format!("socket,id=disk,path={}", path_str(socket)?))
+            .arg(format!(
+                "socket,id=disk,path={}{}",
+                path_str(socket)?,
+                if reconnect { ",reconnect=1" } else { "" }
+            ))
             .args(["-device", "vhost-user-blk-pci,chardev=disk,num-queues=2"]);
         if !allow_reboot {
             cmd.arg("-no-reboot");
@@ -594,10 +657,19 @@ impl Session {
     /// Boot a guest running `test` (see `Guest::boot`) and wait for it to
     /// start the test.
     pub fn boot(&mut self, test: &str, allow_reboot: bool) {
+        self.boot_with(test, allow_reboot, false);
+    }
+
+    /// `boot`, with QEMU reconnecting to a restarted backend (`reconnect=1`).
+    pub fn boot_reconnecting(&mut self, test: &str) {
+        self.boot_with(test, false, true);
+    }
+
+    fn boot_with(&mut self, test: &str, allow_reboot: bool, reconnect: bool) {
         if let Some(old) = self.guest.take() {
             self.old_consoles.push_str(&old.console.text());
         }
-        let guest = Guest::boot(&self.backend.socket, test, allow_reboot);
+        let guest = Guest::boot(&self.backend.socket, test, allow_reboot, reconnect);
         self.guest = Some(self.check(guest));
         self.cursor = 0;
         self.wait_marker(&format!("START {test}"));
