@@ -365,3 +365,125 @@ fn sigint_while_idle_stops_cleanly() {
     assert!(!disk.socket.exists());
     assert_eq!(disk.info()["clean"], true);
 }
+
+/// A stage holding `writes` (block, data) for `disk`, as a twinsum killed
+/// before writing them to the image would leave it.
+fn craft_stage(disk: &Disk, writes: &[(u64, Vec<u8>)]) {
+    use std::sync::Arc;
+    use twinsum::io::{FileDevice, MappedFile};
+    use twinsum::meta::Metadata;
+    use twinsum::stage::{boot_id, Identity, Stage, RING_START};
+
+    let dev = FileDevice::open(&disk.meta, Default::default()).expect("open meta");
+    let meta = Metadata::open(Arc::new(dev), 1).expect("read meta");
+    let sb = meta.superblock();
+    let ident = Identity {
+        salt: sb.salt,
+        generation: sb.generation,
+        block_size: sb.block_size,
+        blocks: sb.blocks,
+        data_size: sb.data_size,
+    };
+    let region = Arc::new(MappedFile::open(&disk.stage, Some(RING_START + (64 << 20))).unwrap());
+    let mut stage = Stage::create(region, ident, boot_id().unwrap(), 77).unwrap();
+    for (block, data) in writes {
+        let slot = stage.reserve(*block, data.len()).unwrap().unwrap();
+        stage.filler().fill(&slot, data).unwrap();
+    }
+}
+
+#[test]
+fn a_stage_left_by_a_dead_twinsum_is_replayed_before_serving() {
+    let disk = Disk::new(MIB, 4096);
+    let a = pattern(5 * 4096, 8192, 1);
+    let b = pattern(5 * 4096, 4096, 2);
+    // Two writes to block 5 in order: the later one must win.
+    craft_stage(&disk, &[(5, a.clone()), (5, b.clone()), (9, a.clone())]);
+    assert_eq!(disk.info_with_stage()["stage_writes"], 3);
+    let check = common::twinsum(&[
+        "check",
+        "--data",
+        s(&disk.data),
+        "--meta",
+        s(&disk.meta),
+        "--stage",
+        s(&disk.stage),
+    ]);
+    assert_eq!(check.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        err.contains("3 completed writes") && err.contains("replays them"),
+        "{err}"
+    );
+
+    let d = disk.serve(&[]);
+    assert!(
+        d.log().contains("replayed 3 completed writes"),
+        "{}",
+        d.log()
+    );
+    let mut c = Client::connect(&disk.socket, 1);
+    let mut q = c.q0();
+    assert_eq!(q.read(5 * 4096, 4096).unwrap(), b);
+    assert_eq!(q.read(6 * 4096, 4096).unwrap(), a[4096..]);
+    assert_eq!(q.read(9 * 4096, 8192).unwrap(), a);
+    drop(q);
+    drop(c);
+    assert!(d.terminate().success());
+    assert!(!disk.stage.exists(), "an orderly stop removes the stage");
+}
+
+#[test]
+fn bad_stage_files_are_refused_with_one_line() {
+    let disk = Disk::new(MIB, 4096);
+    let refused = |what: &str, needle: &str| {
+        let mut d = Daemon::spawn(&disk, &disk.socket, &[]);
+        let st = d.wait_exit();
+        let log = d.log();
+        assert_eq!(st.code(), Some(2), "{what}: {log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("twinsum:")).collect();
+        assert_eq!(errors.len(), 1, "{what}: one line: {log}");
+        assert!(errors[0].contains(needle), "{what}: {:?}", errors[0]);
+        assert!(!disk.socket.exists(), "{what}: nothing served");
+        assert!(disk.stage.exists(), "{what}: the stage is left alone");
+    };
+
+    std::fs::write(&disk.stage, vec![0x5a; 2 << 20]).unwrap();
+    refused("garbage", "not a twinsum stage file");
+
+    craft_stage(&disk, &[(1, pattern(4096, 4096, 3))]);
+    let good = std::fs::read(&disk.stage).unwrap();
+    std::fs::write(&disk.stage, &good[..1 << 20]).unwrap();
+    refused("truncated", "the stage is truncated");
+
+    let mut future = good.clone();
+    future[8] = 9;
+    let sum = xxhash_rust::xxh3::xxh3_64_with_seed(&future[..504], 0);
+    future[504..512].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&disk.stage, &future).unwrap();
+    refused("future version", "stage version 9 is newer");
+
+    let other = Disk::new(MIB, 4096);
+    craft_stage(&other, &[(1, pattern(4096, 4096, 4))]);
+    std::fs::copy(&other.stage, &disk.stage).unwrap();
+    refused("other metadata", "belongs to other metadata");
+
+    std::fs::remove_file(&disk.stage).unwrap();
+    std::fs::create_dir(&disk.stage).unwrap();
+    refused("unreadable", "cannot use the write-back stage");
+    std::fs::remove_dir(&disk.stage).unwrap();
+
+    // --readonly cannot replay a stage that holds writes.
+    craft_stage(&disk, &[(1, pattern(4096, 4096, 5))]);
+    let mut d = Daemon::spawn(&disk, &disk.socket, &["--readonly"]);
+    assert_eq!(d.wait_exit().code(), Some(2), "{}", d.log());
+    assert!(
+        d.log().contains("serve without --readonly once"),
+        "{}",
+        d.log()
+    );
+    // And the writes are still there for a read-write serve.
+    let _d = disk.serve(&[]);
+    let mut c = Client::connect(&disk.socket, 1);
+    assert_eq!(c.q0().read(4096, 4096).unwrap(), pattern(4096, 4096, 5));
+}

@@ -27,8 +27,8 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Meta(#[from] MetaError),
-    #[error("the write-back stage failed")]
-    Stage(#[source] Arc<StageError>),
+    #[error(transparent)]
+    Stage(Arc<StageError>),
     #[error("{0} completed writes wait in the write-back stage; they can only be replayed read-write (serve without --readonly once)")]
     StageNeedsReplay(usize),
     #[error("the engine is stopping")]
