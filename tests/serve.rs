@@ -423,11 +423,9 @@ fn a_stage_left_by_a_dead_twinsum_is_replayed_before_serving() {
         d.log()
     );
     let mut c = Client::connect(&disk.socket, 1);
-    let mut q = c.q0();
-    assert_eq!(q.read(5 * 4096, 4096).unwrap(), b);
-    assert_eq!(q.read(6 * 4096, 4096).unwrap(), a[4096..]);
-    assert_eq!(q.read(9 * 4096, 8192).unwrap(), a);
-    drop(q);
+    assert_eq!(c.q0().read(5 * 4096, 4096).unwrap(), b);
+    assert_eq!(c.q0().read(6 * 4096, 4096).unwrap(), a[4096..]);
+    assert_eq!(c.q0().read(9 * 4096, 8192).unwrap(), a);
     drop(c);
     assert!(d.terminate().success());
     assert!(!disk.stage.exists(), "an orderly stop removes the stage");
