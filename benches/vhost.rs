@@ -1,22 +1,24 @@
 //! `make bench`, part 2: twinsum against qemu-storage-daemon over
 //! vhost-user-blk.
 //!
-//! Both servers get a copy of the same 1 GiB image of random data, both
-//! serve it buffered through the host page cache, and one libblkio client
-//! (the library QEMU and fio use) drives each with the same seeded
-//! workloads: 4 KiB random read QD32, 4 KiB random write QD32 and 128 KiB
-//! sequential read QD8. The table gives IOPS, MB/s and server CPU for both
-//! and the twinsum/qsd ratio against the goals of issue 3.
+//! Both servers get a copy of the same 2 GiB image of random data (larger
+//! than every cache twinsum keeps), both serve it buffered through the host
+//! page cache, and one libblkio client (the library QEMU and fio use)
+//! drives each with the same seeded workloads for 10 s each, on one queue
+//! and on two: 4 KiB random read QD32, 128 KiB sequential read QD8, 4 KiB
+//! random write QD32 plain and with a FLUSH in place of every 32nd
+//! request, 128 KiB sequential write QD8, and 4 KiB reads and writes at QD1
+//! for latency percentiles. The table gives IOPS, MB/s and server CPU per
+//! I/O for both, and the twinsum/qsd ratio against the goals of issue 11.
 //!
 //! Every block read is checked (header: right block, known content), and
 //! after the write workload a sample is read back and compared in full, so
 //! a server that is fast because it is wrong does not pass.
 //!
 //! Environment:
-//! - `TWINSUM_BENCH_SECS` (3): seconds per measured run.
+//! - `TWINSUM_BENCH_SECS` (10): seconds per measured run.
 //! - `TWINSUM_BENCH_ROUNDS` (1): repeat everything; the median is shown.
-//! - `TWINSUM_BENCH_QUEUES` (2): virtqueues (client threads, server queues).
-//! - `TWINSUM_BENCH_SIZE_MIB` (1024): image size.
+//! - `TWINSUM_BENCH_SIZE_MIB` (2048): image size.
 //! - `TWINSUM_BENCH_ONLY` (`twinsum` or `qsd`): measure one server.
 //! - `TWINSUM_BENCH_WORKLOADS` (all): comma-separated parts of workload
 //!   names to run, e.g. `randwrite` when profiling one of them.
@@ -40,45 +42,58 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use support::image;
-use support::load::{Client, Kind, Stats, Workload};
+use support::load::{Bitmap, Client, Goal, Kind, Stats, Workload};
 use support::server::{self, Server};
 
 const SEED: u64 = 0x7477_696e_7375_6d31;
 /// Blocks read back in full after the write workload.
 const VERIFY_SAMPLES: u64 = 8192;
 
+/// Queues every server offers; each workload uses one or two of them.
+const SERVER_QUEUES: usize = 2;
+
+const fn wl(
+    name: &'static str,
+    kind: Kind,
+    size: usize,
+    depth: usize,
+    queues: usize,
+    flush_every: u32,
+    goal: Goal,
+) -> Workload {
+    Workload {
+        name,
+        kind,
+        size,
+        depth,
+        queues,
+        flush_every,
+        latency: depth == 1,
+        goal,
+    }
+}
+
 /// In the order the table shows them.
-const WORKLOADS: [Workload; 3] = [
-    Workload {
-        name: "4k randread QD32",
-        kind: Kind::RandRead,
-        size: 4096,
-        depth: 32,
-        goal: 1.2,
-    },
-    Workload {
-        name: "4k randwrite QD32",
-        kind: Kind::RandWrite,
-        size: 4096,
-        depth: 32,
-        goal: 0.9,
-    },
-    Workload {
-        name: "128k seqread QD8",
-        kind: Kind::SeqRead,
-        size: 128 << 10,
-        depth: 8,
-        goal: 1.0,
-    },
+const WORKLOADS: [Workload; 11] = [
+    wl("4k randread QD32 1q", Kind::RandRead, 4096, 32, 1, 0, Goal::Ratio(2.0)),
+    wl("4k randread QD32 2q", Kind::RandRead, 4096, 32, 2, 0, Goal::Ratio(2.0)),
+    wl("128k seqread QD8 1q", Kind::SeqRead, 128 << 10, 8, 1, 0, Goal::Ratio(1.3)),
+    wl("128k seqread QD8 2q", Kind::SeqRead, 128 << 10, 8, 2, 0, Goal::Ratio(1.3)),
+    wl("4k randwrite QD32 1q", Kind::RandWrite, 4096, 32, 1, 0, Goal::Ratio(1.3)),
+    wl("4k randwrite QD32 2q", Kind::RandWrite, 4096, 32, 2, 0, Goal::Ratio(1.3)),
+    wl("4k randwrite+flush/32 1q", Kind::RandWrite, 4096, 32, 1, 32, Goal::Ratio(1.0)),
+    wl("4k randwrite+flush/32 2q", Kind::RandWrite, 4096, 32, 2, 32, Goal::Ratio(1.2)),
+    wl("128k seqwrite QD8 1q", Kind::SeqWrite, 128 << 10, 8, 1, 0, Goal::Ratio(1.0)),
+    wl("4k read QD1", Kind::RandRead, 4096, 1, 1, 0, Goal::P99),
+    wl("4k write QD1", Kind::RandWrite, 4096, 1, 1, 0, Goal::P99),
 ];
-/// Reads first, so they measure the base image in the first round; the
-/// writes last, followed by the read-back.
-const RUN_ORDER: [usize; 3] = [0, 2, 1];
+/// Reads first, so they measure the base image in the first round; runs
+/// that share a queue count are adjacent (each change reconnects).
+const RUN_ORDER: [usize; 11] = [0, 2, 9, 1, 3, 5, 7, 4, 6, 8, 10];
 
 struct Config {
     secs: f64,
     rounds: usize,
-    queues: usize,
     size: u64,
     only: Option<String>,
     /// Substrings of workload names to run (all when empty).
@@ -108,8 +123,8 @@ impl Config {
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
         let target = fs::canonicalize(&target).unwrap_or(target);
-        let secs: f64 = env_num("TWINSUM_BENCH_SECS", 3.0)?;
-        let size_mib: u64 = env_num("TWINSUM_BENCH_SIZE_MIB", 1024)?;
+        let secs: f64 = env_num("TWINSUM_BENCH_SECS", 10.0)?;
+        let size_mib: u64 = env_num("TWINSUM_BENCH_SIZE_MIB", 2048)?;
         // Written to reject NaN too.
         if secs.is_nan() || secs <= 0.0 || size_mib < 16 {
             bail!("TWINSUM_BENCH_SECS must be > 0 and TWINSUM_BENCH_SIZE_MIB >= 16");
@@ -117,7 +132,6 @@ impl Config {
         Ok(Config {
             secs,
             rounds: env_num("TWINSUM_BENCH_ROUNDS", 1usize)?.max(1),
-            queues: env_num("TWINSUM_BENCH_QUEUES", 2usize)?.clamp(1, 16),
             size: size_mib << 20,
             only: env::var("TWINSUM_BENCH_ONLY")
                 .ok()
@@ -152,7 +166,7 @@ impl Config {
 }
 
 /// One measured run: throughput and what it cost the server in CPU.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Run {
     stats: Stats,
     server_cpu: Duration,
@@ -162,13 +176,14 @@ struct Run {
 }
 
 impl Run {
-    /// Server CPU as a share of one core (100 = one core busy).
-    fn cpu_percent(&self) -> f64 {
-        100.0 * self.server_cpu.as_secs_f64() / self.stats.elapsed.as_secs_f64()
-    }
-
     fn client_cpu_percent(&self) -> f64 {
         100.0 * self.client_cpu.as_secs_f64() / self.stats.elapsed.as_secs_f64()
+    }
+
+    /// Server CPU per request, in microseconds.
+    fn cpu_per_io_us(&self) -> f64 {
+        let ops = (self.stats.ops + self.stats.flushes).max(1);
+        self.server_cpu.as_secs_f64() * 1e6 / ops as f64
     }
 }
 
@@ -179,6 +194,8 @@ struct Side {
     // Field order is drop order: disconnect before stopping the server.
     client: Option<Client>,
     server: Option<Server>,
+    /// Blocks written, across every connection.
+    written: Option<std::sync::Arc<Bitmap>>,
     /// Why this side has no figures, if it has none.
     unavailable: Option<String>,
     /// Per workload (index into WORKLOADS), one entry per round.
@@ -192,6 +209,7 @@ impl Side {
             img,
             client: None,
             server: None,
+            written: None,
             unavailable: None,
             runs: vec![Vec::new(); WORKLOADS.len()],
         }
@@ -206,6 +224,29 @@ impl Side {
 
     fn ready(&self) -> bool {
         self.unavailable.is_none() && self.client.is_some()
+    }
+
+    /// Connect with `queues` queues unless already connected so (a new
+    /// connection drops the old one first: one front-end at a time).
+    fn connect(&mut self, queues: usize) {
+        if self.unavailable.is_some() {
+            return;
+        }
+        if self.client.as_ref().is_some_and(|c| c.queues() == queues) {
+            return;
+        }
+        self.client = None;
+        let socket = match &self.server {
+            Some(s) => s.socket.clone(),
+            None => return,
+        };
+        match Client::connect(&socket, queues, SEED, self.written.clone(), false) {
+            Ok(c) => {
+                self.written = Some(c.written.clone());
+                self.client = Some(c);
+            }
+            Err(e) => self.fail(format!("connect with {queues} queue(s): {e:#}")),
+        }
     }
 
     fn measure(&mut self, w: &Workload, dur: Duration) -> Result<Run> {
@@ -235,7 +276,7 @@ impl Side {
             return None;
         }
         runs.sort_by(|a, b| a.stats.iops().total_cmp(&b.stats.iops()));
-        Some(runs[runs.len() / 2])
+        Some(runs[runs.len() / 2].clone())
     }
 }
 
@@ -315,7 +356,7 @@ fn run() -> Result<bool> {
             .arg("--meta")
             .arg(&meta)
             .arg("--queues")
-            .arg(cfg.queues.to_string())
+            .arg(SERVER_QUEUES.to_string())
             .env(
                 "RUST_LOG",
                 // info: start-up and the final counters (syncs, mismatches),
@@ -340,20 +381,22 @@ fn run() -> Result<bool> {
             .arg(format!(
                 "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={}",
                 dir.path.join("qsd.sock").display(),
-                cfg.queues
+                SERVER_QUEUES
             ));
         start(&cfg, &mut qsd, cmd, &dir.path);
     }
 
     println!();
     println!(
-        "vhost-user-blk bench: {} MiB image of random data, {} queue(s), {:.1} s per run, {} round(s)",
+        "vhost-user-blk bench: {} MiB image of random data, {:.1} s per run, {} round(s)",
         cfg.size >> 20,
-        cfg.queues,
         cfg.secs,
         cfg.rounds
     );
-    println!("QD = requests in flight summed over all queues, split evenly between them");
+    println!(
+        "QD = requests in flight summed over the client's queues (1q/2q), split evenly; \
+         both servers offer {SERVER_QUEUES} queues"
+    );
     println!(
         "cache: both servers buffered through the host page cache (qsd cache.direct=off aio={}, \
          twinsum pread/pwrite), both images copied, synced and read once before the start",
@@ -371,6 +414,7 @@ fn run() -> Result<bool> {
     // first measured run.
     let warmup = Duration::from_secs_f64(cfg.secs.min(1.0));
     for side in [&mut tw, &mut qsd] {
+        side.connect(WORKLOADS[0].queues);
         if side.ready() {
             if let Err(e) = side.measure(&WORKLOADS[0], warmup) {
                 side.fail(format!("warm-up: {e:#}"));
@@ -393,6 +437,7 @@ fn run() -> Result<bool> {
                 [&mut qsd, &mut tw]
             };
             for side in sides {
+                side.connect(WORKLOADS[w].queues);
                 if !side.ready() {
                     continue;
                 }
@@ -455,7 +500,11 @@ fn run() -> Result<bool> {
             }
         }
     }
-    if tw.unavailable.is_none() && !tw.runs[1].is_empty() {
+    let wrote = WORKLOADS
+        .iter()
+        .enumerate()
+        .any(|(i, w)| w.kind.writes() && !tw.runs[i].is_empty());
+    if tw.unavailable.is_none() && wrote {
         data_ok &= check_twinsum(&cfg, &tw.img, &meta);
     }
 
@@ -500,10 +549,13 @@ fn start(cfg: &Config, side: &mut Side, cmd: Command, dir: &Path) {
     let log = dir.join(format!("{}.log", side.name));
     let res = Server::spawn(side.name, cmd, &socket, &log).and_then(|s| {
         side.server = Some(s);
-        Client::connect(&socket, cfg.queues, SEED)
+        Client::connect(&socket, 1, SEED, None, false)
     });
     match res {
-        Ok(c) if c.capacity == cfg.size => side.client = Some(c),
+        Ok(c) if c.capacity == cfg.size => {
+            side.written = Some(c.written.clone());
+            side.client = Some(c);
+        }
         Ok(c) => side.fail(format!(
             "device capacity {} differs from the image size {}",
             c.capacity, cfg.size
@@ -598,48 +650,90 @@ fn check_twinsum(cfg: &Config, img: &Path, meta: &Path) -> bool {
 fn print_table(tw: &Side, qsd: &Side) -> bool {
     println!();
     println!(
-        "{:<18} {:>10} {:>8} {:>6}   {:>10} {:>8} {:>6}   {:>6} {:>6}  result",
-        "workload", "twinsum", "MB/s", "cpu%", "qsd", "MB/s", "cpu%", "ratio", "goal"
+        "{:<25} {:>9} {:>8} {:>7}   {:>9} {:>8} {:>7}   {:>6} {:>6}  result",
+        "workload", "twinsum", "MB/s", "cpu/io", "qsd", "MB/s", "cpu/io", "ratio", "goal"
     );
     println!(
-        "{:<18} {:>10} {:>8} {:>6}   {:>10} {:>8} {:>6}",
-        "", "IOPS", "", "", "IOPS", "", ""
+        "{:<25} {:>9} {:>8} {:>7}   {:>9} {:>8} {:>7}",
+        "", "IOPS", "", "us", "IOPS", "", "us"
     );
-    let cell = |r: Option<Run>| match r {
+    let cell = |r: &Option<Run>| match r {
         Some(r) => format!(
-            "{:>10.0} {:>8.1} {:>6.0}",
+            "{:>9.0} {:>8.1} {:>7.1}",
             r.stats.iops(),
             r.stats.mb_per_s(),
-            r.cpu_percent()
+            r.cpu_per_io_us()
         ),
-        None => format!("{:>10} {:>8} {:>6}", "-", "-", "-"),
+        None => format!("{:>9} {:>8} {:>7}", "-", "-", "-"),
     };
+    let us = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
     let mut all_met = true;
+    let mut latency_rows = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let (a, b) = (tw.median(i), qsd.median(i));
-        let (ratio, verdict) = match (a, b) {
-            (Some(a), Some(b)) => {
+        let (ratio, goal, verdict) = match (&a, &b, w.goal) {
+            (Some(a), Some(b), Goal::Ratio(g)) => {
                 let ratio = a.stats.iops() / b.stats.iops();
-                let met = ratio >= w.goal;
+                let met = ratio >= g;
                 all_met &= met;
-                (format!("{ratio:.2}x"), if met { "met" } else { "MISSED" })
+                (
+                    format!("{ratio:.2}x"),
+                    format!("{g:.2}x"),
+                    if met { "met" } else { "MISSED" },
+                )
             }
-            _ => ("-".into(), "n/a"),
+            (Some(a), Some(b), Goal::P99) => {
+                let (pa, pb) = (a.stats.percentile(99.0), b.stats.percentile(99.0));
+                let met = pa <= pb;
+                all_met &= met;
+                latency_rows.push((w.name, a.clone(), b.clone(), met));
+                (
+                    format!("{:.2}x", a.stats.iops() / b.stats.iops()),
+                    "p99".into(),
+                    if met { "met" } else { "MISSED" },
+                )
+            }
+            (_, _, Goal::Ratio(g)) => ("-".into(), format!("{g:.2}x"), "n/a"),
+            (_, _, Goal::P99) => ("-".into(), "p99".into(), "n/a"),
         };
         println!(
-            "{:<18} {}   {}   {:>6} {:>5.2}x  {}",
+            "{:<25} {}   {}   {:>6} {:>6}  {}",
             w.name,
-            cell(a),
-            cell(b),
+            cell(&a),
+            cell(&b),
             ratio,
-            w.goal,
+            goal,
             verdict
         );
     }
-    println!("cpu% = server CPU time during the run, 100 = one core; ratio = twinsum/qsd IOPS");
+    println!(
+        "cpu/io = server CPU time per request (flushes included); ratio = twinsum/qsd IOPS; \
+         1q/2q = client queues"
+    );
+    if !latency_rows.is_empty() {
+        println!();
+        println!(
+            "{:<25} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}  goal: twinsum p99 <= qsd p99",
+            "latency (us)", "tw p50", "tw p99", "tw p99.9", "qsd p50", "qsd p99", "qsd p99.9"
+        );
+        for (name, a, b, met) in latency_rows {
+            println!(
+                "{:<25} {:>9.1} {:>9.1} {:>9.1}   {:>9.1} {:>9.1} {:>9.1}  {}",
+                name,
+                us(a.stats.percentile(50.0)),
+                us(a.stats.percentile(99.0)),
+                us(a.stats.percentile(99.9)),
+                us(b.stats.percentile(50.0)),
+                us(b.stats.percentile(99.0)),
+                us(b.stats.percentile(99.9)),
+                if met { "met" } else { "MISSED" }
+            );
+        }
+    }
     let client: Vec<String> = WORKLOADS
         .iter()
         .enumerate()
+        .filter(|(i, _)| tw.median(*i).is_some() || qsd.median(*i).is_some())
         .map(|(i, w)| {
             let pct = |s: &Side| {
                 s.median(i)

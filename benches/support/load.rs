@@ -6,6 +6,7 @@ use std::ffi::CStr;
 use std::mem::MaybeUninit;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,27 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use super::image::{self, SplitMix, BLOCK};
 
 /// What one measured run does.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     RandRead,
     RandWrite,
     SeqRead,
+    SeqWrite,
+}
+
+impl Kind {
+    pub fn writes(self) -> bool {
+        matches!(self, Kind::RandWrite | Kind::SeqWrite)
+    }
+}
+
+/// What a workload is judged by.
+#[derive(Clone, Copy, Debug)]
+pub enum Goal {
+    /// twinsum/qsd IOPS at least this.
+    Ratio(f64),
+    /// twinsum's p99 latency no worse than qsd's.
+    P99,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -30,16 +47,35 @@ pub struct Workload {
     pub size: usize,
     /// Requests in flight, summed over all queues.
     pub depth: usize,
-    /// twinsum/qsd throughput ratio the issue asks for.
-    pub goal: f64,
+    /// Queues (client threads) the run uses.
+    pub queues: usize,
+    /// Every Nth request of a queue is a FLUSH instead (0: none).
+    pub flush_every: u32,
+    /// Record each request's latency.
+    pub latency: bool,
+    pub goal: Goal,
 }
 
 /// Result of one run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub ops: u64,
     pub bytes: u64,
+    pub flushes: u64,
     pub elapsed: Duration,
+    /// Per-request latencies in nanoseconds, sorted (latency runs only).
+    pub latencies: Vec<u64>,
+}
+
+impl Stats {
+    /// The `p`th percentile latency (0..=100), if recorded.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p / 100.0).round() as usize;
+        Some(Duration::from_nanos(self.latencies[i]))
+    }
 }
 
 impl Stats {
@@ -92,14 +128,24 @@ pub struct Client {
     _blkio: Blkio,
     base: usize,
     pub capacity: u64,
-    pub written: Bitmap,
+    /// Which blocks the write workloads wrote: shared by every connection
+    /// to one server, for the read-back at the end.
+    pub written: Arc<Bitmap>,
     seed: u64,
+    /// The image is sparse: unwritten blocks read as zeros.
+    sparse: bool,
 }
 
 impl Client {
     /// Connect to `socket` with `nqueues` queues. Retries briefly: the
     /// socket file appears at bind(2), a moment before listen(2).
-    pub fn connect(socket: &Path, nqueues: usize, seed: u64) -> Result<Self> {
+    pub fn connect(
+        socket: &Path,
+        nqueues: usize,
+        seed: u64,
+        written: Option<Arc<Bitmap>>,
+        sparse: bool,
+    ) -> Result<Self> {
         let path = socket.to_str().context("socket path is not UTF-8")?;
         let start = Instant::now();
         let mut blkio = loop {
@@ -134,9 +180,10 @@ impl Client {
             _region: region,
             _blkio: blkio,
             base: region.addr,
-            written: Bitmap::new(capacity / BLOCK as u64),
+            written: written.unwrap_or_else(|| Arc::new(Bitmap::new(capacity / BLOCK as u64))),
             capacity,
             seed,
+            sparse,
         })
     }
 
@@ -144,12 +191,17 @@ impl Client {
         self.capacity / BLOCK as u64
     }
 
+    /// Queues of this connection.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Run `w` for `dur` on all queues at once and return the totals.
     pub fn run(&mut self, w: &Workload, dur: Duration) -> Result<Stats> {
         let nq = self.queues.len();
         let per_queue = (w.depth / nq).clamp(1, MAX_SLOTS_PER_QUEUE);
         let blocks = self.blocks();
-        let (base, seed, written) = (self.base, self.seed, &self.written);
+        let (base, seed, written, sparse) = (self.base, self.seed, &*self.written, self.sparse);
         let start = Instant::now();
         let deadline = start + dur;
         let results: Vec<Result<Stats>> = thread::scope(|s| {
@@ -167,6 +219,7 @@ impl Client {
                         blocks,
                         seed,
                         written,
+                        sparse,
                         deadline,
                     };
                     s.spawn(move || job.run(q))
@@ -185,7 +238,10 @@ impl Client {
             let r = r?;
             total.ops += r.ops;
             total.bytes += r.bytes;
+            total.flushes += r.flushes;
+            total.latencies.extend(r.latencies);
         }
+        total.latencies.sort_unstable();
         Ok(total)
     }
 
@@ -243,7 +299,11 @@ impl Client {
                 let (slot, off) = (c.user_data, offsets[c.user_data]);
                 let b = off / BLOCK as u64;
                 let written = self.written.get(b);
-                image::expected_block(self.seed, b, written, &mut expect);
+                if self.sparse && !written {
+                    expect.fill(0);
+                } else {
+                    image::expected_block(self.seed, b, written, &mut expect);
+                }
                 // SAFETY: the request on this slot has completed, so the
                 // device no longer writes its buffer.
                 let got = unsafe { slot_slice(self.base, slot, BLOCK) };
@@ -290,6 +350,7 @@ struct QueueJob<'a> {
     blocks: u64,
     seed: u64,
     written: &'a Bitmap,
+    sparse: bool,
     deadline: Instant,
 }
 
@@ -297,73 +358,126 @@ impl QueueJob<'_> {
     fn run(self, q: &mut Blkioq) -> Result<Stats> {
         let w = self.w;
         let mut gen = OffsetGen::new(&self);
-        if let Kind::RandWrite = w.kind {
+        if w.kind.writes() {
             for slot in 0..self.slots {
                 // SAFETY: nothing is in flight yet.
-                image::written_body(self.seed, unsafe { slot_slice(self.buf_base, slot, BLOCK) });
+                let buf = unsafe { slot_slice(self.buf_base, slot, w.size) };
+                for blk in buf.chunks_mut(BLOCK) {
+                    image::written_body(self.seed, blk);
+                }
             }
         }
 
-        let mut offsets: Vec<u64> = (0..self.slots)
-            .map(|slot| self.submit(q, slot, gen.next()))
-            .collect();
+        let mut issued = 0u64;
+        let mut offsets = vec![None; self.slots];
+        let mut started = vec![Instant::now(); self.slots];
+        for slot in 0..self.slots {
+            offsets[slot] = self.submit(q, slot, &mut gen, &mut issued);
+            started[slot] = Instant::now();
+        }
         let mut inflight = self.slots;
         let mut stats = Stats::default();
         let mut completions = completion_buf(self.slots);
         let mut stopping = false;
         while inflight > 0 {
             let n = q.do_io(&mut completions, 1, None, None).map_err(blk_err)?;
-            stopping = stopping || Instant::now() >= self.deadline;
+            let now = Instant::now();
+            stopping = stopping || now >= self.deadline;
             for c in &completions[..n] {
                 // SAFETY: do_io initialised the first `n` completions.
                 let c = unsafe { c.assume_init_read() };
                 let slot = c.user_data;
                 if c.ret != 0 {
                     bail!(
-                        "{} at offset {} failed: {}",
+                        "{} at offset {:?} failed: {}",
                         w.name,
                         offsets[slot],
                         completion_error(&c)
                     );
                 }
-                if !matches!(w.kind, Kind::RandWrite) {
-                    // SAFETY: the request on this slot has completed.
-                    let got = unsafe { slot_slice(self.buf_base, slot, w.size) };
-                    image::check_headers(got, offsets[slot])
-                        .map_err(|e| anyhow!("{}: wrong data: {e}", w.name))?;
+                if w.latency {
+                    stats
+                        .latencies
+                        .push((now - started[slot]).as_nanos() as u64);
                 }
-                // Requests still in flight at the deadline are counted:
-                // the elapsed time includes waiting for them.
-                stats.ops += 1;
-                stats.bytes += w.size as u64;
+                match offsets[slot] {
+                    None => stats.flushes += 1,
+                    Some(off) => {
+                        if !w.kind.writes() {
+                            // SAFETY: the request on this slot has completed.
+                            let got = unsafe { slot_slice(self.buf_base, slot, w.size) };
+                            self.check_read(got, off)
+                                .map_err(|e| anyhow!("{}: wrong data: {e}", w.name))?;
+                        }
+                        // Requests still in flight at the deadline are
+                        // counted: the elapsed time includes waiting for them.
+                        stats.ops += 1;
+                        stats.bytes += w.size as u64;
+                    }
+                }
                 if stopping {
                     inflight -= 1;
                 } else {
-                    offsets[slot] = self.submit(q, slot, gen.next());
+                    offsets[slot] = self.submit(q, slot, &mut gen, &mut issued);
+                    started[slot] = Instant::now();
                 }
             }
         }
         Ok(stats)
     }
 
-    /// Queue the request for `block` on `slot`; returns its byte offset.
-    fn submit(&self, q: &mut Blkioq, slot: usize, block: u64) -> u64 {
+    /// Every block read carries its own header, or is zeros where a sparse
+    /// image was never written.
+    fn check_read(&self, got: &[u8], off: u64) -> std::result::Result<(), String> {
+        if !self.sparse {
+            return image::check_headers(got, off);
+        }
+        for (i, blk) in got.chunks(BLOCK).enumerate() {
+            let b = off / BLOCK as u64 + i as u64;
+            if self.written.get(b) {
+                image::check_headers(blk, b * BLOCK as u64)?;
+            } else if blk.iter().any(|&x| x != 0) {
+                return Err(format!("block {b} was never written but is not zeros"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue the next request on `slot`: a FLUSH in place of every
+    /// `flush_every`th, else the next I/O. Returns its byte offset (None
+    /// for a flush).
+    fn submit(
+        &self,
+        q: &mut Blkioq,
+        slot: usize,
+        gen: &mut OffsetGen,
+        issued: &mut u64,
+    ) -> Option<u64> {
         let w = &self.w;
+        *issued += 1;
+        if w.flush_every > 0 && *issued % u64::from(w.flush_every) == 0 {
+            q.flush(slot, ReqFlags::empty());
+            return None;
+        }
+        let block = gen.next();
         let off = block * BLOCK as u64;
         let buf = slot_ptr(self.buf_base, slot);
         match w.kind {
-            Kind::RandWrite => {
+            Kind::RandWrite | Kind::SeqWrite => {
                 // SAFETY: this slot has no request in flight.
-                image::stamp_written(unsafe { slot_slice(self.buf_base, slot, BLOCK) }, block);
-                // Mark before submitting: once a write is issued the block
-                // may hold either content until it completes, and every
-                // write completes before any read-back.
-                self.written.set(block);
+                let data = unsafe { slot_slice(self.buf_base, slot, w.size) };
+                for (i, blk) in data.chunks_mut(BLOCK).enumerate() {
+                    image::stamp_written(blk, block + i as u64);
+                    // Mark before submitting: once a write is issued the
+                    // block may hold either content until it completes,
+                    // and every write completes before any read-back.
+                    self.written.set(block + i as u64);
+                }
                 q.write(off, buf, w.size, slot, ReqFlags::empty());
             }
             Kind::RandRead | Kind::SeqRead => q.read(off, buf, w.size, slot, ReqFlags::empty()),
         }
-        off
+        Some(off)
     }
 }
 
@@ -375,7 +489,7 @@ struct OffsetGen {
     step: u64,
     /// Number of request-sized units on the disk.
     units: u64,
-    /// Sequential reads: each queue streams through its own share of the
+    /// Sequential runs: each queue streams through its own share of the
     /// disk (like one fio job per queue at its own offset), wrapping.
     seq_start: u64,
     seq_len: u64,
@@ -404,7 +518,7 @@ impl OffsetGen {
     fn next(&mut self) -> u64 {
         match self.kind {
             Kind::RandRead | Kind::RandWrite => self.rng.below(self.units) * self.step,
-            Kind::SeqRead => {
+            Kind::SeqRead | Kind::SeqWrite => {
                 let b = self.seq_start + self.seq_next;
                 self.seq_next = (self.seq_next + self.step) % self.seq_len;
                 b
