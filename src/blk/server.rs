@@ -462,12 +462,15 @@ impl Served {
         }
         let s = disk.engine().stats();
         log::info!(
-            "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs, {} metadata syncs{}",
+            "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs ({} ms), {} metadata syncs ({} ms), {} commit rounds{}",
             s.reads,
             s.writes,
             s.mismatches,
             s.data_syncs,
+            s.data_sync_us / 1000,
             s.meta_syncs,
+            s.meta_sync_us / 1000,
+            s.rounds,
             match st.volatile.as_ref().map_or(0, VolatileDisk::cuts) {
                 0 => String::new(),
                 n => format!(" since power cut #{n}"),

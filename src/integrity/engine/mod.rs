@@ -138,6 +138,11 @@ pub struct Stats {
     pub mismatches: u64,
     pub data_syncs: u64,
     pub meta_syncs: u64,
+    /// Time spent in data and metadata syncs, summed (microseconds).
+    pub data_sync_us: u64,
+    pub meta_sync_us: u64,
+    /// Commit rounds run, and the writes they committed.
+    pub rounds: u64,
     pub pending: u64,
     /// Writes completed but still in the write-back stage.
     pub queued: u64,
@@ -150,6 +155,19 @@ struct Counters {
     mismatches: AtomicU64,
     data_syncs: AtomicU64,
     meta_syncs: AtomicU64,
+    data_sync_us: AtomicU64,
+    meta_sync_us: AtomicU64,
+    rounds: AtomicU64,
+}
+
+impl Counters {
+    /// Run `f`, adding its duration to `total`.
+    fn timed<T>(total: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let r = f();
+        total.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
 }
 
 /// The dual-checksum engine over one data and one metadata device.
@@ -549,6 +567,9 @@ impl Core {
             mismatches: c.mismatches.load(Ordering::Relaxed),
             data_syncs: c.data_syncs.load(Ordering::Relaxed),
             meta_syncs: c.meta_syncs.load(Ordering::Relaxed),
+            data_sync_us: c.data_sync_us.load(Ordering::Relaxed),
+            meta_sync_us: c.meta_sync_us.load(Ordering::Relaxed),
+            rounds: c.rounds.load(Ordering::Relaxed),
             pending,
             queued,
         }

@@ -217,7 +217,7 @@ impl Core {
             .sync_after(ticket, || {
                 let began = self.lock().events;
                 self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
-                self.data.sync()?;
+                super::Counters::timed(&self.counters.data_sync_us, || self.data.sync())?;
                 self.forget_old(began);
                 Ok(())
             })

@@ -112,6 +112,7 @@ impl Core {
     /// Commit and write one round: no block appears twice in it.
     fn write_round(&self, round: &[Update<'_>]) -> Result<(), EngineError> {
         let mut st = self.make_writable(round)?;
+        self.counters.rounds.fetch_add(1, Ordering::Relaxed);
 
         // The blocks are Clean (or zero) now: old covers the durable content.
         st.events += 1;
@@ -199,7 +200,7 @@ impl Core {
         self.meta_gate
             .sync_after(ticket, || {
                 self.counters.meta_syncs.fetch_add(1, Ordering::Relaxed);
-                self.meta_dev.sync()
+                super::Counters::timed(&self.counters.meta_sync_us, || self.meta_dev.sync())
             })
             .map_err(EngineError::meta_io("syncing metadata"))
     }
