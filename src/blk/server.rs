@@ -40,6 +40,7 @@ use super::request::ID_LEN;
 use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch};
 use crate::io::volatile::PowerSupply;
 use crate::io::{FileDevice, OpenFlags};
+use crate::key::Key;
 use crate::meta::DeviceRef;
 
 /// A validated `serve` configuration.
@@ -57,6 +58,8 @@ pub struct ServeConfig {
     pub on_mismatch: OnMismatch,
     /// Simulate a disk with a volatile write cache that SIGUSR2 power-cuts.
     pub volatile_cache: Option<VolatileCacheConfig>,
+    /// The key of a disk with keyed checksums.
+    pub key: Option<Key>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -100,10 +103,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let listener = bind_socket(&cfg.socket)?;
     log::info!(
-        "serving {} ({} blocks of {} bytes{}) on {}, {} queue(s), serial {:?}{}",
+        "serving {} ({} blocks of {} bytes{}{}) on {}, {} queue(s), serial {:?}{}",
         cfg.data.display(),
         limits.blocks,
         limits.block_size,
+        if cfg.key.is_some() {
+            ", keyed checksums"
+        } else {
+            ""
+        },
         if cfg.readonly { ", read-only" } else { "" },
         cfg.socket.display(),
         cfg.queues,
@@ -220,6 +228,7 @@ impl Served {
             opts: EngineOptions {
                 on_mismatch: cfg.on_mismatch,
                 readonly: cfg.readonly,
+                key: cfg.key.clone(),
                 ..EngineOptions::default()
             },
             readonly: cfg.readonly,

@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// N + k - 1), to replay a logged cut [default: random, logged].
     #[arg(long, value_name = "N", requires = "volatile_cache")]
     power_cut_seed: Option<u64>,
+    /// The key file of a disk formatted with --key-file (required for
+    /// such a disk, refused for any other).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
@@ -129,6 +133,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 limit_bytes: a.volatile_cache_limit << 20,
                 seed: a.power_cut_seed,
             }),
+            key: super::load_key(a.key_file.as_ref())?,
         })
     }
 }

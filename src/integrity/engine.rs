@@ -29,7 +29,8 @@ use std::thread::JoinHandle;
 use log::{error, info, warn};
 
 use super::gate::SyncGate;
-use super::hash::{self, Verdict, ZERO};
+use super::hash::{Checksum, Verdict, ZERO};
+use crate::key::Key;
 use crate::meta::{DeviceRef, MetaError, Metadata, Pair};
 
 /// What a read does with a block that matches neither checksum.
@@ -59,6 +60,8 @@ pub struct EngineOptions {
     /// FLUSH, zeroing, synchronous mode and shutdown drain the stage first.
     /// Off: every write completes only once its data is written.
     pub write_cache: bool,
+    /// The key of a disk with keyed checksums; `None` for an unkeyed disk.
+    pub key: Option<Key>,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +72,7 @@ impl Default for EngineOptions {
             pending_limit: 65536,
             cache_pages: 16384,
             write_cache: true,
+            key: None,
         }
     }
 }
@@ -231,7 +235,7 @@ struct Core {
     meta_dev: DeviceRef,
     block_size: u32,
     blocks: u64,
-    salt: u64,
+    sum: Checksum,
     opts: EngineOptions,
     was_clean: bool,
     state: Mutex<State>,
@@ -393,7 +397,8 @@ impl Drop for Engine {
 
 impl Core {
     fn open(data: DeviceRef, meta: DeviceRef, opts: EngineOptions) -> Result<Self, EngineError> {
-        let metadata = Metadata::open(meta.clone(), opts.cache_pages.max(16))?;
+        let metadata =
+            Metadata::open_with(meta.clone(), opts.cache_pages.max(16), opts.key.as_ref())?;
         metadata.check_image(data.size())?;
         let sb = metadata.superblock().clone();
         if !sb.clean {
@@ -414,7 +419,7 @@ impl Core {
         Ok(Self {
             block_size: sb.block_size,
             blocks: sb.blocks,
-            salt: sb.salt,
+            sum: Checksum::of(&sb, opts.key.as_ref()).map_err(MetaError::from)?,
             was_clean: sb.clean,
             state: Mutex::new(State {
                 meta: metadata,
@@ -641,7 +646,7 @@ impl Core {
                 if let Some(q) = queued.get(i).and_then(Option::as_ref) {
                     let at = (b - q.block) as usize * bs;
                     data.copy_from_slice(&q.data[at..at + bs]);
-                } else if hash::verify(self.salt, b, data, p.new, p.old) == Verdict::Neither {
+                } else if self.sum.verify(b, data, p.new, p.old) == Verdict::Neither {
                     bad.push(b);
                 }
             }
@@ -692,7 +697,7 @@ impl Core {
                 Some(d) => d
                     .chunks_exact(bs)
                     .enumerate()
-                    .map(|(i, blk)| hash::block_hash(self.salt, u.block + i as u64, blk))
+                    .map(|(i, blk)| self.sum.block_hash(u.block + i as u64, blk))
                     .collect(),
                 None => vec![ZERO; u.count as usize],
             };
@@ -1003,7 +1008,7 @@ impl Core {
             self.data
                 .read_at(&mut buf, self.offset(b))
                 .map_err(EngineError::io("reading a block left pending by a crash"))?;
-            let sum = match hash::verify(self.salt, b, &buf, p.new, p.old) {
+            let sum = match self.sum.verify(b, &buf, p.new, p.old) {
                 Verdict::New => p.new,
                 Verdict::Old => p.old,
                 // Damaged: keep both slots so the damage stays visible.

@@ -14,7 +14,10 @@ use std::io;
 use std::sync::Arc;
 
 pub use cache::{Metadata, Pair};
-pub use superblock::{Superblock, SuperblockError, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE, VERSION};
+pub use superblock::{
+    hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE,
+    VERSION,
+};
 
 /// Byte offset of the pair table.
 pub const TABLE_OFFSET: u64 = 4096;
@@ -33,8 +36,10 @@ pub fn meta_len(blocks: u64) -> u64 {
 /// Why metadata cannot be opened or used.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
+    // The message embeds the cause, so it is not also a `source`: `main`
+    // prints the chain, and would print it twice.
     #[error("bad superblock: {0}")]
-    Superblock(#[from] SuperblockError),
+    Superblock(SuperblockError),
     #[error("metadata is truncated: {have} bytes, it needs {need}")]
     Truncated { have: u64, need: u64 },
     #[error("metadata belongs to another image: it describes {meta_size} bytes, the image has {data_size}")]
@@ -47,6 +52,12 @@ pub enum MetaError {
         #[source]
         source: io::Error,
     },
+}
+
+impl From<SuperblockError> for MetaError {
+    fn from(e: SuperblockError) -> Self {
+        Self::Superblock(e)
+    }
 }
 
 /// Shorthand used by the cache and the engine for a device reference.
