@@ -1,6 +1,7 @@
-//! Core figures: block hash rate, metadata cache get/set rate, `check`
-//! throughput against a plain sequential read of the same file, and the
-//! time to format a 1 TiB sparse image. Run with `cargo bench --bench
+//! Core figures: block hash rate (xxh3 and keyed BLAKE3), metadata cache
+//! get/set rate, `check` throughput (unkeyed and keyed) against a plain
+//! sequential read of the same file, and the time to format a 1 TiB
+//! sparse image. Run with `cargo bench --bench
 //! core`; about half a minute.
 //!
 //! `check` and `format` are measured through the built binary, exactly as
@@ -13,7 +14,7 @@
 use std::fs::File;
 use std::hint::black_box;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -21,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use twinsum::integrity::hash::block_hash;
+use twinsum::integrity::hash::Checksum;
 use twinsum::io::FileDevice;
+use twinsum::key::Key;
 use twinsum::meta::{meta_len, Metadata, Pair, Superblock};
 
 /// Size of the non-sparse image for the check comparison.
@@ -52,18 +54,22 @@ fn run() -> Result<(), String> {
 /// make too rosy, so the figure includes memory bandwidth as check sees it.
 fn hash_rates() {
     let buf: Vec<u8> = pseudo_random(64 << 20);
-    for bs in [512usize, 4096] {
-        let best = best_of(5, || {
-            let mut acc = 0u64;
-            for (i, block) in buf.chunks_exact(bs).enumerate() {
-                acc ^= block_hash(0x5eed, i as u64, block);
-            }
-            black_box(acc);
-        });
-        println!(
-            "block_hash {bs:>4} B blocks: {:6.2} GB/s",
-            gb_per_s(buf.len() as u64, best)
-        );
+    let key = Key::from_bytes(&[0x42; 32]).unwrap_or_else(|| unreachable!("32 bytes"));
+    for sum in [Checksum::xxh3(0x5eed), Checksum::keyed(0x5eed, &key)] {
+        for bs in [512usize, 4096] {
+            let best = best_of(5, || {
+                let mut acc = 0u64;
+                for (i, block) in buf.chunks_exact(bs).enumerate() {
+                    acc ^= sum.block_hash(i as u64, block);
+                }
+                black_box(acc);
+            });
+            println!(
+                "block_hash {:<12} {bs:>4} B blocks: {:6.2} GB/s",
+                sum.name(),
+                gb_per_s(buf.len() as u64, best)
+            );
+        }
     }
 }
 
@@ -103,63 +109,85 @@ fn cache_rates(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The check, the keyed check and the plain read take turns over the same
+/// image: one unkeyed and one keyed metadata file describe it.
 fn check_vs_plain_read(dir: &Path) -> Result<(), String> {
     let img = dir.join("check.img");
     let meta = dir.join("check.meta");
+    let keyed_meta = dir.join("check-keyed.meta");
+    let key = dir.join("key");
     write_random_file(&img, IMAGE_BYTES)?;
-    let t = Instant::now();
-    twinsum(&["format", "--data", s(&img)?, "--meta", s(&meta)?])?;
-    println!(
-        "format of a {} MiB non-sparse image: {:.2} s",
-        IMAGE_BYTES >> 20,
-        t.elapsed().as_secs_f64()
-    );
-    // Warm the page cache for both contenders.
-    plain_read(&img)?;
-    let mut checks = Vec::with_capacity(ROUNDS);
-    let mut reads = Vec::with_capacity(ROUNDS);
+    std::fs::write(&key, [0x42u8; 32]).map_err(|e| format!("write key: {e}"))?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod key: {e}"))?;
+    let (img, meta, keyed_meta, key) = (s(&img)?, s(&meta)?, s(&keyed_meta)?, s(&key)?);
+    for (what, extra) in [("", &[][..]), (" keyed", &["--key-file", key][..])] {
+        let m = if extra.is_empty() { meta } else { keyed_meta };
+        let t = Instant::now();
+        twinsum(&[&["format", "--data", img, "--meta", m][..], extra].concat())?;
+        println!(
+            "format{what} of a {} MiB non-sparse image: {:.2} s",
+            IMAGE_BYTES >> 20,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let check = |m: &str, extra: &[&str]| {
+        twinsum(&[&["check", "--data", img, "--meta", m][..], extra].concat())
+    };
+    // Unkeyed, then keyed.
+    let checks: [&dyn Fn() -> Result<(), String>; 2] = [&|| check(meta, &[]), &|| {
+        check(keyed_meta, &["--key-file", key])
+    }];
+    let img = Path::new(img);
+    // Warm the page cache for all contenders.
+    plain_read(img)?;
+    let mut runs: [Vec<Duration>; 3] = Default::default();
     for _ in 0..ROUNDS {
-        let t = Instant::now();
-        twinsum(&["check", "--data", s(&img)?, "--meta", s(&meta)?])?;
-        checks.push(t.elapsed());
-        let t = Instant::now();
-        plain_read(&img)?;
-        reads.push(t.elapsed());
+        for (i, c) in checks.iter().enumerate() {
+            runs[i].push(timed(c)?);
+        }
+        runs[2].push(timed(|| plain_read(img))?);
     }
-    report("warm", &mut checks, &mut reads);
+    report("warm", &mut runs);
 
-    let (mut checks, mut reads) = (Vec::new(), Vec::new());
+    let mut runs: [Vec<Duration>; 3] = Default::default();
     for _ in 0..COLD_ROUNDS {
-        evict(&img)?;
-        evict(&meta)?;
-        let t = Instant::now();
-        twinsum(&["check", "--data", s(&img)?, "--meta", s(&meta)?])?;
-        checks.push(t.elapsed());
-        evict(&img)?;
-        let t = Instant::now();
-        plain_read(&img)?;
-        reads.push(t.elapsed());
+        for (i, (c, m)) in checks.iter().zip([meta, keyed_meta]).enumerate() {
+            evict(img)?;
+            evict(Path::new(m))?;
+            runs[i].push(timed(c)?);
+        }
+        evict(img)?;
+        runs[2].push(timed(|| plain_read(img))?);
     }
-    report("cold", &mut checks, &mut reads);
+    report("cold", &mut runs);
     Ok(())
+}
+
+fn timed(f: impl Fn() -> Result<(), String>) -> Result<Duration, String> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed())
 }
 
 /// Rounds of the cold comparison (each reads the image from the disk twice).
 const COLD_ROUNDS: usize = 3;
 
-fn report(cache: &str, checks: &mut [Duration], reads: &mut [Duration]) {
+/// `runs`: check, keyed check, plain read.
+fn report(cache: &str, runs: &mut [Vec<Duration>; 3]) {
     // On a shared machine the best round shows what the code can do and
     // the median what it did; print both rather than pick one.
     for (label, pick) in [
         ("best", best as fn(&mut [Duration]) -> Duration),
         ("median", median),
     ] {
-        let rounds = checks.len();
-        let check = mb_per_s(IMAGE_BYTES, pick(checks));
-        let read = mb_per_s(IMAGE_BYTES, pick(reads));
+        let rounds = runs[0].len();
+        let [check, keyed, read] = [0, 1, 2].map(|i| mb_per_s(IMAGE_BYTES, pick(&mut runs[i])));
         println!(
-            "{cache} cache, {label:>6} of {rounds}: check {check:6.0} MB/s, plain read {read:6.0} MB/s, ratio {:.2}",
-            check / read
+            "{cache} cache, {label:>6} of {rounds}: check {check:6.0} MB/s, keyed check {keyed:6.0} MB/s, \
+             plain read {read:6.0} MB/s, ratios to the read {:.2} and {:.2}",
+            check / read,
+            keyed / read
         );
     }
 }

@@ -10,6 +10,9 @@
 //! request, 128 KiB sequential write QD8, and 4 KiB reads and writes at QD1
 //! for latency percentiles. The table gives IOPS, MB/s and server CPU per
 //! I/O for both, and the twinsum/qsd ratio against the goals of issue 11.
+//! A third server, twinsum on a disk formatted with `--key-file`, runs the
+//! one-queue read workloads, to show what keyed checksums (BLAKE3) cost
+//! against xxh3.
 //!
 //! Every block read is checked (header: right block, known content), and
 //! after the write workload a sample is read back and compared in full, so
@@ -19,7 +22,8 @@
 //! - `TWINSUM_BENCH_SECS` (10): seconds per measured run.
 //! - `TWINSUM_BENCH_ROUNDS` (1): repeat everything; the median is shown.
 //! - `TWINSUM_BENCH_SIZE_MIB` (2048): image size.
-//! - `TWINSUM_BENCH_ONLY` (`twinsum` or `qsd`): measure one server.
+//! - `TWINSUM_BENCH_ONLY` (`twinsum`, `twinsum-keyed` or `qsd`): measure
+//!   one server (`twinsum` includes the keyed one).
 //! - `TWINSUM_BENCH_WORKLOADS` (all): comma-separated parts of workload
 //!   names to run, e.g. `randwrite` when profiling one of them.
 //! - `TWINSUM_BENCH_STRICT=1`: exit 1 when a goal is missed.
@@ -39,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::{bail, Context, Result};
 
 use support::image;
@@ -46,6 +52,8 @@ use support::load::{Bitmap, Client, Goal, Kind, Stats, Workload};
 use support::server::{self, Server};
 
 const SEED: u64 = 0x7477_696e_7375_6d31;
+/// The side serving a disk with keyed checksums.
+const KEYED: &str = "twinsum-keyed";
 /// Blocks read back in full after the write workload.
 const VERIFY_SAMPLES: u64 = 8192;
 
@@ -392,50 +400,52 @@ fn run() -> Result<bool> {
 
     let mut tw = Side::new("twinsum", dir.path.join("twinsum.img"));
     let mut qsd = Side::new("qsd", dir.path.join("qsd.img"));
+    let mut keyed = Side::new(KEYED, dir.path.join("keyed.img"));
     let meta = dir.path.join("twinsum.meta");
-    if !cfg.wants("twinsum") {
-        tw.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
+    let keyed_meta = dir.path.join("keyed.meta");
+    let key = dir.path.join("key");
+    for side in [&mut tw, &mut qsd] {
+        if !cfg.wants(side.name) {
+            side.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
+        }
     }
-    if !cfg.wants("qsd") {
-        qsd.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
+    let keyed_runs = WORKLOADS.iter().any(|w| cfg.runs(w) && keyed_workload(w));
+    if (!cfg.wants(KEYED) && !cfg.wants("twinsum")) || !keyed_runs {
+        keyed.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
     }
 
-    // Images: identical copies, made durable, then both read once so both
-    // servers start with their whole image in the page cache.
-    for side in [&mut tw, &mut qsd] {
+    // Images: identical copies, made durable, then each read once so every
+    // server starts with its whole image in the page cache.
+    for side in [&mut tw, &mut qsd, &mut keyed] {
         if side.unavailable.is_none() {
             image::copy_image(&base, &side.img)?;
         }
     }
     if tw.unavailable.is_none() {
-        if let Err(e) = format_twinsum(&cfg, &tw.img, &meta) {
+        if let Err(e) = format_twinsum(&cfg, &tw.img, &meta, None) {
             tw.fail(format!("{e:#}"));
         }
     }
-    for side in [&tw, &qsd] {
+    if keyed.unavailable.is_none() {
+        let made =
+            make_key(&key).and_then(|()| format_twinsum(&cfg, &keyed.img, &keyed_meta, Some(&key)));
+        if let Err(e) = made {
+            keyed.fail(format!("{e:#}"));
+        }
+    }
+    for side in [&tw, &qsd, &keyed] {
         if side.unavailable.is_none() {
             image::warm(&side.img)?;
         }
     }
 
     if tw.unavailable.is_none() {
-        let mut cmd = Command::new(&cfg.twinsum);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(dir.path.join("twinsum.sock"))
-            .arg("--data")
-            .arg(&tw.img)
-            .arg("--meta")
-            .arg(&meta)
-            .arg("--queues")
-            .arg(SERVER_QUEUES.to_string())
-            .env(
-                "RUST_LOG",
-                // info: start-up and the final counters (syncs, mismatches),
-                // nothing per request.
-                env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
+        let cmd = serve_twinsum(&cfg, &dir.path, &tw, &meta, None);
         start(&cfg, &mut tw, cmd, &dir.path);
+    }
+    if keyed.unavailable.is_none() {
+        let cmd = serve_twinsum(&cfg, &dir.path, &keyed, &keyed_meta, Some(&key));
+        start(&cfg, &mut keyed, cmd, &dir.path);
     }
     if qsd.unavailable.is_none() {
         // cache.direct=off: buffered I/O through the host page cache, as
@@ -478,14 +488,14 @@ fn run() -> Result<bool> {
         "machine: {} CPUs, load average {} at start{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         server::loadavg(),
-        for_pids(&[&tw, &qsd])
+        for_pids(&[&tw, &qsd, &keyed])
     );
 
     // Untimed warm-up on the live connection: first-touch costs (page
     // faults on the shared buffers, server-side caches) stay out of the
     // first measured run.
     let warmup = Duration::from_secs_f64(cfg.secs.min(1.0));
-    for side in [&mut tw, &mut qsd] {
+    for side in [&mut tw, &mut qsd, &mut keyed] {
         side.connect(WORKLOADS[0].queues);
         if side.ready() {
             if let Err(e) = side.measure(&WORKLOADS[0], warmup) {
@@ -503,12 +513,13 @@ fn run() -> Result<bool> {
             }
             // Alternate which server goes first, so a slow drift in machine
             // load (a neighbour starting a build) is not charged to one side.
-            let sides: [&mut Side; 2] = if (round + k) % 2 == 0 {
-                [&mut tw, &mut qsd]
-            } else {
-                [&mut qsd, &mut tw]
-            };
+            let mut sides: [&mut Side; 3] = [&mut tw, &mut qsd, &mut keyed];
+            sides.rotate_left((round + k) % 3);
             for side in sides {
+                // The keyed disk is there for the cost of verifying reads.
+                if side.name == KEYED && !keyed_workload(&WORKLOADS[w]) {
+                    continue;
+                }
                 side.connect(WORKLOADS[w].queues);
                 if !side.ready() {
                     continue;
@@ -526,7 +537,7 @@ fn run() -> Result<bool> {
 
     // Read-back after a flush: the written blocks must hold what was
     // written, the others the base image.
-    for side in [&mut tw, &mut qsd] {
+    for side in [&mut tw, &mut qsd, &mut keyed] {
         if !side.ready() {
             continue;
         }
@@ -552,7 +563,7 @@ fn run() -> Result<bool> {
     // Orderly stop; twinsum then gets an offline check of data against
     // metadata, which catches a server that answered reads right but left
     // its checksums behind.
-    for side in [&mut tw, &mut qsd] {
+    for side in [&mut tw, &mut qsd, &mut keyed] {
         side.client = None;
         if let Some(mut s) = side.server.take() {
             match s.stop(Duration::from_secs(30)) {
@@ -581,11 +592,12 @@ fn run() -> Result<bool> {
     }
 
     let goals_met = print_table(&tw, &qsd);
+    print_keyed_table(&tw, &keyed);
     let mut ok = data_ok;
-    for side in [&tw, &qsd] {
+    for side in [&tw, &qsd, &keyed] {
         match &side.unavailable {
             // Asked for: measuring one side alone is not a failure.
-            Some(_) if !cfg.wants(side.name) => {
+            Some(why) if why.contains("TWINSUM_BENCH_ONLY") => {
                 println!("{}: skipped (TWINSUM_BENCH_ONLY)", side.name)
             }
             Some(why) => {
@@ -643,7 +655,50 @@ fn start(cfg: &Config, side: &mut Side, cmd: Command, dir: &Path) {
     }
 }
 
-fn format_twinsum(cfg: &Config, img: &Path, meta: &Path) -> Result<()> {
+/// The workloads the keyed disk runs: one-queue reads at depth.
+fn keyed_workload(w: &Workload) -> bool {
+    !w.kind.writes() && w.queues == 1 && !w.latency
+}
+
+/// The `twinsum serve` command of `side`, keyed with `key` if given.
+fn serve_twinsum(
+    cfg: &Config,
+    dir: &Path,
+    side: &Side,
+    meta: &Path,
+    key: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(&cfg.twinsum);
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(dir.join(format!("{}.sock", side.name)))
+        .arg("--data")
+        .arg(&side.img)
+        .arg("--meta")
+        .arg(meta)
+        .arg("--queues")
+        .arg(SERVER_QUEUES.to_string())
+        .env(
+            "RUST_LOG",
+            // info: start-up and the final counters (syncs, mismatches),
+            // nothing per request.
+            env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    if let Some(k) = key {
+        cmd.arg("--key-file").arg(k);
+    }
+    cmd
+}
+
+/// A fresh 32-byte key file, private as `--key-file` requires.
+fn make_key(path: &Path) -> Result<()> {
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(97) ^ 0x3c);
+    fs::write(path, bytes).with_context(|| format!("write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+fn format_twinsum(cfg: &Config, img: &Path, meta: &Path, key: Option<&Path>) -> Result<()> {
     if !cfg.twinsum.exists() {
         bail!(
             "{} not found (run `cargo build --release` first)",
@@ -657,6 +712,7 @@ fn format_twinsum(cfg: &Config, img: &Path, meta: &Path) -> Result<()> {
         .arg("--meta")
         .arg(meta)
         .args(["--block-size", "4096"])
+        .args(key.iter().flat_map(|k| [Path::new("--key-file"), k]))
         .output()
         .context("run twinsum format")?;
     if !out.status.success() {
@@ -819,4 +875,34 @@ fn print_table(tw: &Side, qsd: &Side) -> bool {
         client.join(", ")
     );
     all_met
+}
+
+/// Keyed against unkeyed twinsum, on the workloads both ran.
+fn print_keyed_table(tw: &Side, keyed: &Side) {
+    if keyed.runs.iter().all(Vec::is_empty) {
+        return;
+    }
+    println!();
+    println!("keyed checksums (blake3-keyed) against unkeyed (xxh3-64), both twinsum:");
+    println!(
+        "{:<25} {:>9} {:>8} {:>7}   {:>9} {:>8} {:>7}   {:>6}",
+        "workload", "unkeyed", "MB/s", "cpu/io", "keyed", "MB/s", "cpu/io", "ratio"
+    );
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let (Some(a), Some(b)) = (tw.median(i), keyed.median(i)) else {
+            continue;
+        };
+        println!(
+            "{:<25} {:>9.0} {:>8.1} {:>7.1}   {:>9.0} {:>8.1} {:>7.1}   {:>5.2}x",
+            w.name,
+            a.stats.iops(),
+            a.stats.mb_per_s(),
+            a.cpu_per_io_us(),
+            b.stats.iops(),
+            b.stats.mb_per_s(),
+            b.cpu_per_io_us(),
+            b.stats.iops() / a.stats.iops()
+        );
+    }
+    println!("ratio = keyed/unkeyed IOPS");
 }

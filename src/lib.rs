@@ -2,12 +2,13 @@
 //!
 //! Layering (see ARCHITECTURE.md): `io` knows devices; `meta` knows the
 //! on-disk format and nothing of the state machine; `integrity` is the
-//! state machine and knows nothing of virtio; `blk` is virtio-blk and
-//! vhost-user and knows nothing of the on-disk format.
+//! state machine and knows nothing of virtio; `key` knows key files; `blk`
+//! is virtio-blk and vhost-user and knows nothing of the on-disk format.
 
 pub mod blk;
 pub mod error;
 pub mod integrity;
 pub mod io;
+pub mod key;
 pub mod meta;
 pub mod stage;

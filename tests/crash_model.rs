@@ -34,6 +34,10 @@
 //! misdirected and lost writes into fully written-back disks and require
 //! exactly the damaged block to fail.
 //!
+//! One seed in four (`seed % 4 == 1`, in every test here) formats the disk
+//! with keyed checksums: the algorithm is a parameter of the engine, and
+//! the state machine must hold whichever it is given.
+//!
 //! Environment:
 //! - `TWINSUM_CRASH_SEEDS=N`: seeds for `crash_model` (default 10,000; the
 //!   `make crash-model` target runs 100,000); the concurrent run takes N/5.
@@ -52,16 +56,43 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use twinsum::integrity::{hash, Engine, EngineError, EngineOptions, Op, StageConfig};
+use twinsum::integrity::hash::Checksum;
+use twinsum::integrity::{Engine, EngineError, EngineOptions, Op, StageConfig};
 use twinsum::io::volatile::{Fuse, FusedRegion, PowerCutReport, VolatileDevice, SECTOR_SIZE};
 use twinsum::io::{Device, Region};
-use twinsum::meta::{meta_len, Metadata, Superblock, PAIR_SIZE, TABLE_OFFSET};
+use twinsum::key::Key;
+use twinsum::meta::{meta_len, Metadata, Superblock, HASH_BLAKE3_KEYED, PAIR_SIZE, TABLE_OFFSET};
 use twinsum::stage::{MIN_CAPACITY, RING_START};
 
 const SECTOR: usize = SECTOR_SIZE as usize;
 const DEFAULT_SEEDS: u64 = 10_000;
 
 type Content = Arc<[u8]>;
+
+/// The key of seed `seed`'s disk: keyed checksums for one seed in four.
+/// Chosen from the seed, not drawn from its RNG, so every other seed
+/// replays exactly as it did before keyed checksums existed.
+fn key_for(seed: u64) -> Option<Key> {
+    (seed % 4 == 1).then(|| Key::from_bytes(&seed.to_le_bytes().repeat(4)).unwrap())
+}
+
+/// Format `meta` for `blocks` blocks of `bs` bytes, keyed if `key` is.
+fn format_meta(
+    meta: Arc<VolatileDevice>,
+    bs: usize,
+    blocks: u64,
+    salt: u64,
+    clean: bool,
+    key: Option<&Key>,
+) -> Result<Superblock, String> {
+    let mut sb = Superblock::new(bs as u32, blocks * bs as u64, salt).map_err(|e| e.to_string())?;
+    sb.clean = clean;
+    if key.is_some() {
+        sb.hash_id = HASH_BLAKE3_KEYED;
+    }
+    Metadata::create_with(meta, sb.clone(), 4, key).map_err(|e| format!("format: {e}"))?;
+    Ok(sb)
+}
 
 // ---- the reference model ---------------------------------------------------
 
@@ -146,6 +177,7 @@ struct Figures {
     false_mismatches: AtomicU64,
     torn_detected: AtomicU64,
     damaged_detected: AtomicU64,
+    keyed_cases: AtomicU64,
     failed_cases: AtomicU64,
     /// Deaths of the process (not the host): the devices' caches and the
     /// write-back stage survive.
@@ -272,7 +304,10 @@ impl<'f> Case<'f> {
             1..=6 => rng.gen_range(600..=1100),
             _ => rng.gen_range(8..=64),
         };
-        let mut opts = EngineOptions::default();
+        let mut opts = EngineOptions {
+            key: key_for(seed),
+            ..EngineOptions::default()
+        };
         if rng.gen_ratio(1, 4) {
             // The engine's own data sync kicks in all the time.
             opts.pending_limit = rng.gen_range(0..=4);
@@ -317,9 +352,10 @@ impl<'f> Case<'f> {
         let crashes = self.rng.gen_range(1..=5);
         trace!(
             self,
-            "geometry: {} blocks of {} bytes, pending_limit {}, cache_pages {}, write_cache {}, hot {:?}, {} crashes",
+            "geometry: {} blocks of {} bytes, {}, pending_limit {}, cache_pages {}, write_cache {}, hot {:?}, {} crashes",
             self.blocks,
             self.bs,
+            self.checksum().name(),
             self.opts.pending_limit,
             self.opts.cache_pages,
             self.opts.write_cache,
@@ -514,16 +550,34 @@ impl<'f> Case<'f> {
             m.current_ok = true;
         }
         self.dying.clear();
+        if self.opts.key.is_some() {
+            Figures::add(&self.figures.keyed_cases, 1);
+        }
         Ok(())
+    }
+
+    /// The checksum the engine uses on this case's disk.
+    fn checksum(&self) -> Checksum {
+        match &self.opts.key {
+            Some(k) => Checksum::keyed(self.salt, k),
+            None => Checksum::xxh3(self.salt),
+        }
     }
 
     /// A formatted, synced pair of images.
     fn format(&mut self) -> Result<(Vec<u8>, Vec<u8>), String> {
         let size = self.blocks * self.bs as u64;
         let meta = Arc::new(VolatileDevice::zeroed(meta_len(self.blocks)));
-        let mut sb = Superblock::new(self.bs as u32, size, self.salt).map_err(|e| e.to_string())?;
-        sb.clean = self.rng.gen_bool(0.5);
-        Metadata::create(meta.clone(), sb, 4).map_err(|e| format!("format: {e}"))?;
+        let clean = self.rng.gen_bool(0.5);
+        let key = self.opts.key.clone();
+        format_meta(
+            meta.clone(),
+            self.bs,
+            self.blocks,
+            self.salt,
+            clean,
+            key.as_ref(),
+        )?;
         meta.sync().map_err(|e| e.to_string())?;
         let meta_img = meta.durable_snapshot().map_err(|e| e.to_string())?;
         Ok((vec![0; size as usize], meta_img))
@@ -892,7 +946,7 @@ impl<'f> Case<'f> {
             let new = u64::from_le_bytes(raw[0..8].try_into().unwrap());
             let old = u64::from_le_bytes(raw[8..16].try_into().unwrap());
             let content = &self.model[b as usize].current;
-            if new != old || !hash::matches(self.salt, b, content, new) {
+            if new != old || !self.checksum().matches(b, content, new) {
                 return Err(format!(
                     "synchronous mode: a completed write of block {b} ({}) left the durable pair ({new:#x}, {old:#x}), not its checksum in both slots",
                     tag(content)
@@ -1153,8 +1207,9 @@ fn crash_model() {
 
 fn report(f: &Figures, elapsed: Duration) {
     eprintln!(
-        "crash model: {} cases ({} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
+        "crash model: {} cases ({} keyed, {} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
         Figures::get(&f.cases),
+        Figures::get(&f.keyed_cases),
         Figures::get(&f.failed_cases),
         Figures::get(&f.crashes) + Figures::get(&f.process_deaths),
         Figures::get(&f.crashes),
@@ -1187,6 +1242,7 @@ struct Rig {
     /// The power switch of both devices.
     fuse: Arc<Fuse>,
     engine: Engine,
+    opts: EngineOptions,
     /// What each block holds.
     contents: Vec<Content>,
     next_id: u64,
@@ -1200,14 +1256,17 @@ impl Rig {
         let blocks = rng.gen_range(8..=64u64);
         let salt = rng.gen();
         let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
-        let sb = Superblock::new(bs as u32, blocks * bs as u64, salt).unwrap();
-        Metadata::create(meta.clone(), sb, 4).unwrap();
+        let opts = EngineOptions {
+            key: key_for(seed),
+            ..EngineOptions::default()
+        };
+        format_meta(meta.clone(), bs, blocks, salt, false, opts.key.as_ref()).unwrap();
         let fuse = Arc::new(Fuse::new());
         let meta = Arc::new(
             VolatileDevice::from_bytes(meta.durable_snapshot().unwrap()).with_fuse(fuse.clone()),
         );
         let data = Arc::new(VolatileDevice::zeroed(blocks * bs as u64).with_fuse(fuse.clone()));
-        let engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
+        let engine = Engine::open(data.clone(), meta.clone(), opts.clone()).unwrap();
         let zeros: Content = vec![0u8; bs].into();
         let mut rig = Self {
             rng,
@@ -1217,6 +1276,7 @@ impl Rig {
             meta,
             fuse,
             engine,
+            opts,
             contents: vec![zeros; blocks as usize],
             next_id: 1,
             seed,
@@ -1278,7 +1338,7 @@ impl Rig {
             VolatileDevice::from_bytes(self.meta.durable_snapshot().unwrap())
                 .with_fuse(self.fuse.clone()),
         );
-        self.engine = Engine::open(data.clone(), meta.clone(), EngineOptions::default()).unwrap();
+        self.engine = Engine::open(data.clone(), meta.clone(), self.opts.clone()).unwrap();
         self.data = data;
         self.meta = meta;
     }
@@ -1467,6 +1527,37 @@ fn bit_flip_in_a_stored_checksum_is_caught() {
     }
 }
 
+#[test]
+fn block_forged_with_an_unkeyed_pair_is_caught_only_on_a_keyed_disk() {
+    // Someone who can write both devices but holds no key replaces a block
+    // and recomputes its pair as an unkeyed disk's, with the salt read from
+    // the superblock. On an unkeyed disk that is a valid block (checksums
+    // catch accidents, not this); on a keyed disk it must fail to read.
+    for seed in 0..FAULT_SEEDS / 4 {
+        let mut rig = Rig::new(seed);
+        let k = rig.rng.gen_range(0..rig.blocks);
+        let forged = rig.fresh();
+        rig.data.corrupt_write(k * rig.bs as u64, &forged).unwrap();
+        let mut sector = [0u8; SECTOR];
+        rig.meta.read_at(&mut sector, 0).unwrap();
+        let salt = Superblock::decode_unverified(&sector).unwrap().salt;
+        let h = Checksum::xxh3(salt).block_hash(k, &forged);
+        let mut pair = [0u8; PAIR_SIZE as usize];
+        pair[..8].copy_from_slice(&h.to_le_bytes());
+        pair[8..].copy_from_slice(&h.to_le_bytes());
+        rig.meta
+            .corrupt_write(TABLE_OFFSET + k * PAIR_SIZE, &pair)
+            .unwrap();
+        rig.crash_and_reopen();
+        if rig.opts.key.is_some() {
+            rig.expect(&[k], "block forged with an unkeyed pair, keyed disk");
+        } else {
+            rig.contents[k as usize] = forged;
+            rig.expect(&[], "block forged with an unkeyed pair, unkeyed disk");
+        }
+    }
+}
+
 // ---- concurrent submitters -------------------------------------------------
 
 /// One write (or zeroing) of one block by a concurrent submitter.
@@ -1572,7 +1663,10 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
     let bs: usize = if rng.gen_bool(0.5) { 512 } else { 4096 };
     let blocks: u64 = rng.gen_range(4..=16);
     let threads = rng.gen_range(2..=3);
-    let mut opts = EngineOptions::default();
+    let mut opts = EngineOptions {
+        key: key_for(seed),
+        ..EngineOptions::default()
+    };
     if rng.gen_ratio(1, 3) {
         opts.pending_limit = rng.gen_range(0..=3);
     }
@@ -1581,8 +1675,7 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
     // `create` syncs: the durable image is the formatted metadata.
     let meta_img = {
         let m = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
-        let sb = Superblock::new(bs as u32, blocks * bs as u64, salt).map_err(|e| e.to_string())?;
-        Metadata::create(m.clone(), sb, 4).map_err(|e| e.to_string())?;
+        format_meta(m.clone(), bs, blocks, salt, false, opts.key.as_ref())?;
         m.durable_snapshot().map_err(|e| e.to_string())?
     };
     let zeros: Content = vec![0u8; bs].into();
@@ -1753,6 +1846,9 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
         }
     }
     Figures::add(&figures.cases, 1);
+    if opts.key.is_some() {
+        Figures::add(&figures.keyed_cases, 1);
+    }
     Ok(())
 }
 

@@ -40,6 +40,7 @@ use super::request::ID_LEN;
 use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch, StageConfig};
 use crate::io::volatile::PowerSupply;
 use crate::io::{FileDevice, MappedFile, OpenFlags, Region};
+use crate::key::Key;
 use crate::meta::DeviceRef;
 
 /// A validated `serve` configuration.
@@ -62,6 +63,8 @@ pub struct ServeConfig {
     pub stage: PathBuf,
     /// Bytes of completed writes the stage holds before writers wait.
     pub stage_bytes: u64,
+    /// The key of a disk with keyed checksums.
+    pub key: Option<Key>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -117,10 +120,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let listener = bind_socket(&cfg.socket)?;
     log::info!(
-        "serving {} ({} blocks of {} bytes{}) on {}, {} queue(s), serial {:?}{}",
+        "serving {} ({} blocks of {} bytes{}{}) on {}, {} queue(s), serial {:?}{}",
         cfg.data.display(),
         limits.blocks,
         limits.block_size,
+        if cfg.key.is_some() {
+            ", keyed checksums"
+        } else {
+            ""
+        },
         if cfg.readonly { ", read-only" } else { "" },
         cfg.socket.display(),
         cfg.queues,
@@ -308,6 +316,7 @@ impl Served {
                 on_mismatch: cfg.on_mismatch,
                 readonly: cfg.readonly,
                 stage_bytes: cfg.stage_bytes,
+                key: cfg.key.clone(),
                 ..EngineOptions::default()
             },
             readonly: cfg.readonly,

@@ -20,7 +20,7 @@ use std::thread;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use twinsum::integrity::hash::{self, Verdict};
+use twinsum::integrity::hash::{self, Checksum, Verdict};
 use twinsum::io::{Device, FileDevice, OpenFlags};
 use twinsum::meta::{Metadata, Pair};
 
@@ -38,6 +38,10 @@ pub struct CheckArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// The key file of a disk formatted with --key-file (required for
+    /// such a disk, refused for any other).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 /// Pairs fetched from the table at a time (1 MiB of table).
@@ -59,6 +63,7 @@ const JOBS_PER_WORKER: usize = 4;
 const MAX_LISTED: usize = 1 << 20;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let key = super::load_key(args.key_file.as_ref())?;
     // Shared locks: read-only, so a second check may run, a serve may not.
     let shared = OpenFlags {
         writable: false,
@@ -66,7 +71,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     let meta_dev = FileDevice::open(&args.meta, shared)
         .with_context(|| format!("cannot open metadata {}", args.meta.display()))?;
-    let mut meta = Metadata::open(Arc::new(meta_dev), 64)
+    let mut meta = Metadata::open_with(Arc::new(meta_dev), 64, key.as_ref())
         .with_context(|| format!("cannot use metadata {}", args.meta.display()))?;
     let data = FileDevice::open(&args.data, shared)
         .with_context(|| format!("cannot open image {}", args.data.display()))?;
@@ -131,9 +136,10 @@ struct Report {
 /// ascending block order as far as the table is concerned.
 fn verify_all(meta: &mut Metadata, data: &FileDevice, out: &Output) -> anyhow::Result<Report> {
     let sb = meta.superblock().clone();
+    let sum = Checksum::of(&sb, meta.key())?;
     let bs = u64::from(sb.block_size);
     let mut tally = Tally {
-        salt: sb.salt,
+        sum,
         zeros: vec![0u8; sb.block_size as usize],
         progress: out.progress.clone(),
         bs,
@@ -151,7 +157,7 @@ fn verify_all(meta: &mut Metadata, data: &FileDevice, out: &Output) -> anyhow::R
         .clamp(1, MAX_WORKERS);
     let job_blocks = JOB_BYTES as u64 / bs;
     thread::scope(|s| -> anyhow::Result<()> {
-        let mut pool = Pool::start(s, workers, data, sb.salt, bs);
+        let mut pool = Pool::start(s, workers, data, sum, bs);
         let mut next_block = 0;
         for region in DataRegions::new(data, bs) {
             let (start, end) = region.context("finding the data regions of the image")?;
@@ -201,7 +207,7 @@ impl Pool {
         s: &'scope thread::Scope<'scope, '_>,
         workers: usize,
         dev: &'scope FileDevice,
-        salt: u64,
+        sum: Checksum,
         bs: u64,
     ) -> Self {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
@@ -209,7 +215,7 @@ impl Pool {
         let (done_tx, done_rx) = mpsc::channel();
         for _ in 0..workers {
             let (jobs, done) = (Arc::clone(&job_rx), done_tx.clone());
-            s.spawn(move || work(dev, salt, bs, &jobs, &done));
+            s.spawn(move || work(dev, sum, bs, &jobs, &done));
         }
         Self {
             jobs: job_tx,
@@ -253,7 +259,7 @@ impl Pool {
 /// them, until the job queue closes.
 fn work(
     dev: &FileDevice,
-    salt: u64,
+    sum: Checksum,
     bs: u64,
     jobs: &Mutex<mpsc::Receiver<Job>>,
     done: &mpsc::Sender<io::Result<Done>>,
@@ -266,10 +272,7 @@ fn work(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if done
-            .send(verify_job(dev, salt, bs, &job, &mut buf))
-            .is_err()
-        {
+        if done.send(verify_job(dev, sum, bs, &job, &mut buf)).is_err() {
             return;
         }
     }
@@ -277,7 +280,7 @@ fn work(
 
 fn verify_job(
     dev: &FileDevice,
-    salt: u64,
+    sum: Checksum,
     bs: u64,
     job: &Job,
     buf: &mut Vec<u8>,
@@ -295,9 +298,7 @@ fn verify_job(
         .chunks_exact(bs as usize)
         .zip(&job.pairs)
         .zip(job.first..)
-        .filter(|((content, p), b)| {
-            hash::verify(salt, *b, content, p.new, p.old) == Verdict::Neither
-        })
+        .filter(|((content, p), b)| sum.verify(*b, content, p.new, p.old) == Verdict::Neither)
         .map(|(_, b)| b)
         .collect();
     Ok(Done {
@@ -308,7 +309,7 @@ fn verify_job(
 
 /// The verdicts so far.
 struct Tally {
-    salt: u64,
+    sum: Checksum,
     /// One all-zero block: what a hole reads as.
     zeros: Vec<u8>,
     progress: ProgressBar,
@@ -332,7 +333,7 @@ impl Tally {
 
     /// Judge a block that lies in a hole, so reads as zeros.
     fn judge_zeros(&mut self, block: u64, pair: Pair) {
-        if hash::verify(self.salt, block, &self.zeros, pair.new, pair.old) == Verdict::Neither {
+        if self.sum.verify(block, &self.zeros, pair.new, pair.old) == Verdict::Neither {
             self.mismatch(block);
         }
     }

@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use twinsum::integrity::hash;
+use twinsum::integrity::hash::{self, Checksum};
 use twinsum::io::{Device, FileDevice, OpenFlags};
-use twinsum::meta::{meta_len, Metadata, Pair, Superblock, SUPERBLOCK_SIZE};
+use twinsum::key::Key;
+use twinsum::meta::{meta_len, Metadata, Pair, Superblock, HASH_BLAKE3_KEYED, SUPERBLOCK_SIZE};
 
 use super::check::{progress_bar, scan_data};
 
@@ -37,6 +38,11 @@ pub struct FormatArgs {
     /// Overwrite META even if it already holds metadata or other data.
     #[arg(long)]
     force: bool,
+    /// Keyed checksums: FILE holds the key, 32 random bytes or more (make
+    /// one with `head -c 32 /dev/urandom > FILE; chmod 600 FILE`). Refused
+    /// if group or others may read or write FILE.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 /// Validated `format` arguments.
@@ -47,6 +53,7 @@ struct FormatConfig {
     size: Option<u64>,
     block_size: u32,
     force: bool,
+    key: Option<Key>,
 }
 
 impl TryFrom<FormatArgs> for FormatConfig {
@@ -65,6 +72,7 @@ impl TryFrom<FormatArgs> for FormatConfig {
             size: a.size,
             block_size: a.block_size,
             force: a.force,
+            key: super::load_key(a.key_file.as_ref())?,
         })
     }
 }
@@ -81,9 +89,12 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let data_size = data.size();
     check_size(data_size, cfg.block_size)
         .with_context(|| format!("cannot format {}", cfg.data.display()))?;
-    let sb = Superblock::new(cfg.block_size, data_size, rand::random())?;
+    let mut sb = Superblock::new(cfg.block_size, data_size, rand::random())?;
+    if cfg.key.is_some() {
+        sb.hash_id = HASH_BLAKE3_KEYED;
+    }
     let meta_dev = create_meta(&cfg.meta, meta_len(sb.blocks))?;
-    let mut meta = Metadata::create(Arc::new(meta_dev), sb, CACHE_PAGES)
+    let mut meta = Metadata::create_with(Arc::new(meta_dev), sb, CACHE_PAGES, cfg.key.as_ref())
         .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
     let done = hash_data(&mut meta, &data)
         .with_context(|| format!("formatting {}", cfg.data.display()))
@@ -102,12 +113,17 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let sb = meta.superblock();
     writeln!(
         std::io::stdout(),
-        "formatted {} for {}: {} blocks of {} bytes, {} hashed, the rest read as zeros",
+        "formatted {} for {}: {} blocks of {} bytes, {} hashed, the rest read as zeros{}",
         cfg.meta.display(),
         cfg.data.display(),
         sb.blocks,
         sb.block_size,
-        hashed
+        hashed,
+        if cfg.key.is_some() {
+            "; keyed checksums (blake3-keyed)"
+        } else {
+            ""
+        }
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -167,7 +183,8 @@ fn refuse_to_overwrite(cfg: &FormatConfig) -> anyhow::Result<()> {
     let mut sector = vec![0u8; SUPERBLOCK_SIZE.min(dev.size() as usize)];
     dev.read_at(&mut sector, 0)
         .with_context(|| format!("cannot read {}", cfg.meta.display()))?;
-    if let Ok(sb) = Superblock::decode(&sector) {
+    // Keyed metadata too, whose MAC we cannot check without its key.
+    if let Ok(sb) = Superblock::decode_unverified(&sector) {
         bail!(
             "{} already holds twinsum metadata (for {} bytes of data); use --force to overwrite it",
             cfg.meta.display(),
@@ -223,6 +240,7 @@ fn create_meta(path: &Path, len: u64) -> anyhow::Result<FileDevice> {
 /// Store `(c, c)` for every block with non-zero content. Returns how many.
 fn hash_data(meta: &mut Metadata, data: &FileDevice) -> anyhow::Result<u64> {
     let sb = meta.superblock().clone();
+    let sum = Checksum::of(&sb, meta.key())?;
     let bs = u64::from(sb.block_size);
     let progress = progress_bar(data.size(), "formatting");
     let mut hashed = 0;
@@ -233,7 +251,7 @@ fn hash_data(meta: &mut Metadata, data: &FileDevice) -> anyhow::Result<u64> {
                 continue;
             }
             let block = first + i as u64;
-            let c = hash::block_hash(sb.salt, block, block_data);
+            let c = sum.block_hash(block, block_data);
             meta.set(block, Pair { new: c, old: c })?;
             hashed += 1;
         }

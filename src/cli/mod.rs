@@ -7,9 +7,11 @@ mod info;
 mod serve;
 mod stage;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use twinsum::key::Key;
 
 /// A vhost-user-blk backend that guards a virtual disk with two checksums
 /// per block.
@@ -30,6 +32,12 @@ enum Command {
     Check(check::CheckArgs),
     /// Print the metadata superblock.
     Info(info::InfoArgs),
+}
+
+/// Load `--key-file`, if given; its refusals (too short, too open) are
+/// errors.
+fn load_key(path: Option<&PathBuf>) -> anyhow::Result<Option<Key>> {
+    Ok(path.map(|p| Key::load(p)).transpose()?)
 }
 
 /// Run the chosen subcommand and return the process exit code.

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// image to catch up.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     stage_size: u64,
+    /// The key file of a disk formatted with --key-file (required for
+    /// such a disk, refused for any other).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
@@ -154,6 +158,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 limit_bytes: a.volatile_cache_limit << 20,
                 seed: a.power_cut_seed,
             }),
+            key: super::load_key(a.key_file.as_ref())?,
         })
     }
 }

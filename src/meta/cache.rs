@@ -12,9 +12,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{
-    meta_len, DeviceRef, MetaError, Superblock, PAGE_SIZE, PAIRS_PER_PAGE, PAIR_SIZE,
-    SUPERBLOCK_SIZE, TABLE_OFFSET,
+    meta_len, DeviceRef, MetaError, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3,
+    PAGE_SIZE, PAIRS_PER_PAGE, PAIR_SIZE, SUPERBLOCK_SIZE, TABLE_OFFSET,
 };
+use crate::key::Key;
 
 /// The two checksums of one block. 0 is the reserved "reads as zeros" value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +59,9 @@ const MAX_RUN_PAGES: u64 = 256;
 pub struct Metadata {
     dev: DeviceRef,
     sb: Superblock,
+    /// Seals the superblock of a keyed disk on every write; `None` for an
+    /// unkeyed one (and for a keyed one opened only to look at it).
+    key: Option<Key>,
     cache: PageCache,
     /// Reused buffer for bulk reads and coalesced write-back.
     scratch: Vec<u8>,
@@ -67,6 +71,22 @@ impl Metadata {
     /// Write a fresh superblock and an all-zero pair table (a hole in a
     /// sparse file), sync, and open it with at most `cache_pages` pages.
     pub fn create(dev: DeviceRef, sb: Superblock, cache_pages: usize) -> Result<Self, MetaError> {
+        Self::create_with(dev, sb, cache_pages, None)
+    }
+
+    /// [`create`](Self::create) for a caller holding `key`: a keyed `sb`
+    /// needs one, an unkeyed one refuses it.
+    pub fn create_with(
+        dev: DeviceRef,
+        sb: Superblock,
+        cache_pages: usize,
+        key: Option<&Key>,
+    ) -> Result<Self, MetaError> {
+        match (sb.hash_id, key) {
+            (HASH_XXH3, Some(_)) => return Err(SuperblockError::UnexpectedKey.into()),
+            (HASH_BLAKE3_KEYED, None) => return Err(SuperblockError::KeyRequired.into()),
+            _ => {}
+        }
         let need = meta_len(sb.blocks);
         check_len(&dev, need)?;
         // Zero the table and make that durable before a valid superblock
@@ -75,30 +95,49 @@ impl Metadata {
         dev.zero_range(TABLE_OFFSET, need - TABLE_OFFSET)
             .map_err(io_err("zeroing the pair table"))?;
         dev.sync().map_err(io_err("syncing the pair table"))?;
-        dev.write_at(&sb.encode(), 0)
+        dev.write_at(&sb.encode_with(key), 0)
             .map_err(io_err("writing the superblock"))?;
         dev.sync().map_err(io_err("syncing the superblock"))?;
-        Ok(Self::with_superblock(dev, sb, cache_pages))
+        Ok(Self::with_superblock(dev, sb, key, cache_pages))
     }
 
-    /// Read and validate the superblock and the table length.
+    /// Read and validate the superblock and the table length of an
+    /// unkeyed disk.
     pub fn open(dev: DeviceRef, cache_pages: usize) -> Result<Self, MetaError> {
-        // A device shorter than a sector is read as far as it goes: garbage
-        // then fails on the magic, which names the problem better than a
-        // length would; a cut-off superblock fails the length check below.
-        let mut sector = [0u8; SUPERBLOCK_SIZE];
-        let have = dev.size().min(SUPERBLOCK_SIZE as u64) as usize;
-        dev.read_at(&mut sector[..have], 0)
-            .map_err(io_err("reading the superblock"))?;
-        let sb = Superblock::decode(&sector)?;
-        check_len(&dev, meta_len(sb.blocks))?;
-        Ok(Self::with_superblock(dev, sb, cache_pages))
+        Self::open_with(dev, cache_pages, None)
     }
 
-    fn with_superblock(dev: DeviceRef, sb: Superblock, cache_pages: usize) -> Self {
+    /// [`open`](Self::open) for a caller holding `key`: a keyed disk's
+    /// superblock MAC is checked against it before anything else is read.
+    pub fn open_with(
+        dev: DeviceRef,
+        cache_pages: usize,
+        key: Option<&Key>,
+    ) -> Result<Self, MetaError> {
+        let sb = Superblock::decode_with(&read_superblock(&dev)?, key)?;
+        check_len(&dev, meta_len(sb.blocks))?;
+        Ok(Self::with_superblock(dev, sb, key, cache_pages))
+    }
+
+    /// Open without the key a keyed disk needs, only to look at it
+    /// (`info`): its superblock MAC is not checked, and storing a
+    /// superblock fails.
+    pub fn open_unverified(dev: DeviceRef, cache_pages: usize) -> Result<Self, MetaError> {
+        let sb = Superblock::decode_unverified(&read_superblock(&dev)?)?;
+        check_len(&dev, meta_len(sb.blocks))?;
+        Ok(Self::with_superblock(dev, sb, None, cache_pages))
+    }
+
+    fn with_superblock(
+        dev: DeviceRef,
+        sb: Superblock,
+        key: Option<&Key>,
+        cache_pages: usize,
+    ) -> Self {
         Self {
             dev,
             sb,
+            key: key.cloned(),
             cache: PageCache::new(cache_pages.max(1)),
             scratch: Vec::new(),
         }
@@ -119,6 +158,11 @@ impl Metadata {
         &self.sb
     }
 
+    /// The key the superblock was verified with, if any.
+    pub fn key(&self) -> Option<&Key> {
+        self.key.as_ref()
+    }
+
     /// Number of blocks the table describes.
     pub fn blocks(&self) -> u64 {
         self.sb.blocks
@@ -127,13 +171,23 @@ impl Metadata {
     /// Write `sb` (generation bumped) to sector 0 and sync the device.
     pub fn store_superblock(&mut self, mut sb: Superblock) -> Result<(), MetaError> {
         debug_assert_eq!(
-            (sb.block_size, sb.blocks, sb.salt),
-            (self.sb.block_size, self.sb.blocks, self.sb.salt),
+            (sb.block_size, sb.blocks, sb.salt, sb.hash_id),
+            (
+                self.sb.block_size,
+                self.sb.blocks,
+                self.sb.salt,
+                self.sb.hash_id
+            ),
             "the geometry of open metadata cannot change"
         );
+        if sb.hash_id == HASH_BLAKE3_KEYED && self.key.is_none() {
+            // Opened unverified: a superblock without its MAC would lock
+            // the disk's owner out.
+            return Err(SuperblockError::KeyRequired.into());
+        }
         sb.generation = sb.generation.max(self.sb.generation) + 1;
         self.dev
-            .write_at(&sb.encode(), 0)
+            .write_at(&sb.encode_with(self.key.as_ref()), 0)
             .map_err(io_err("writing the superblock"))?;
         self.dev.sync().map_err(io_err("syncing the superblock"))?;
         self.sb = sb;
@@ -411,6 +465,18 @@ fn decode_into(bytes: &[u8], out: &mut [Pair]) {
 
 fn page_offset(page: u64) -> u64 {
     TABLE_OFFSET + page * PAGE_SIZE
+}
+
+/// Sector 0 of `dev`.
+fn read_superblock(dev: &DeviceRef) -> Result<[u8; SUPERBLOCK_SIZE], MetaError> {
+    // A device shorter than a sector is read as far as it goes: garbage
+    // then fails on the magic, which names the problem better than a
+    // length would; a cut-off superblock fails the caller's length check.
+    let mut sector = [0u8; SUPERBLOCK_SIZE];
+    let have = dev.size().min(SUPERBLOCK_SIZE as u64) as usize;
+    dev.read_at(&mut sector[..have], 0)
+        .map_err(io_err("reading the superblock"))?;
+    Ok(sector)
 }
 
 fn check_len(dev: &DeviceRef, need: u64) -> Result<(), MetaError> {

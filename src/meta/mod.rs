@@ -14,7 +14,10 @@ use std::io;
 use std::sync::Arc;
 
 pub use cache::{Metadata, Pair};
-pub use superblock::{Superblock, SuperblockError, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE, VERSION};
+pub use superblock::{
+    hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE,
+    VERSION,
+};
 
 /// Byte offset of the pair table.
 pub const TABLE_OFFSET: u64 = 4096;

@@ -15,10 +15,20 @@
 //! |     40 |    8 | data size in bytes                           |
 //! |     48 |    8 | generation                                   |
 //! |     56 |    8 | xxh3-64 of the sector with this field zeroed |
+//! |     64 |   32 | keyed disks: MAC of the sector, see below    |
+//!
+//! A disk with keyed checksums (hash id 2) carries at offset 64 the BLAKE3
+//! keyed hash, under the key's superblock subkey, of the sector with bytes
+//! 56..96 zeroed: so no field (hash id, salt, geometry, flags, generation)
+//! changes unnoticed by a holder of the key. The xxh3 checksum covers the
+//! MAC too, so damage is told apart from a wrong key. An unkeyed disk has
+//! zeros there, byte for byte the format of before keyed checksums.
 
 use std::ops::Range;
 
 use xxhash_rust::xxh3::xxh3_64;
+
+use crate::key::Key;
 
 /// Size of the superblock on disk.
 pub const SUPERBLOCK_SIZE: usize = 512;
@@ -26,6 +36,17 @@ pub const SUPERBLOCK_SIZE: usize = 512;
 pub const VERSION: u32 = 1;
 /// Hash id of xxh3-64 seeded by salt and block number.
 pub const HASH_XXH3: u32 = 1;
+/// Hash id of BLAKE3 keyed over block number, salt and data, 64 bits.
+pub const HASH_BLAKE3_KEYED: u32 = 2;
+
+/// The name of a hash id, as `info` prints it.
+pub fn hash_name(id: u32) -> &'static str {
+    match id {
+        HASH_XXH3 => "xxh3-64",
+        HASH_BLAKE3_KEYED => "blake3-keyed",
+        _ => "unknown",
+    }
+}
 
 /// Identifies twinsum metadata.
 pub const MAGIC: [u8; 8] = *b"TWINSUM\0";
@@ -49,6 +70,7 @@ mod off {
     pub const DATA_SIZE: Range<usize> = 40..48;
     pub const GENERATION: Range<usize> = 48..56;
     pub const CHECKSUM: Range<usize> = 56..64;
+    pub const MAC: Range<usize> = 64..96;
 }
 
 /// Decoded superblock.
@@ -94,6 +116,20 @@ pub enum SuperblockError {
         blocks: u64,
         block_size: u32,
     },
+    #[error(
+        "the superblock says unkeyed checksums (xxh3-64) but carries a MAC: \
+         its hash id was changed"
+    )]
+    StrayMac,
+    #[error(
+        "the disk has unkeyed checksums (xxh3-64) but a key was given: refusing to \
+         ignore it (if the disk was formatted with a key, its superblock was changed)"
+    )]
+    UnexpectedKey,
+    #[error("the disk has keyed checksums (blake3-keyed): give its key (--key-file)")]
+    KeyRequired,
+    #[error("superblock MAC mismatch: wrong key, or the superblock was changed")]
+    BadMac,
 }
 
 impl Superblock {
@@ -122,8 +158,15 @@ impl Superblock {
         })
     }
 
-    /// The sector as written to disk, checksum included.
+    /// The sector of an unkeyed superblock as written to disk, checksum
+    /// included.
     pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
+        self.encode_with(None)
+    }
+
+    /// The sector as written to disk; a keyed superblock gets its MAC
+    /// under `key` (without one it would not open again).
+    pub fn encode_with(&self, key: Option<&Key>) -> [u8; SUPERBLOCK_SIZE] {
         let mut buf = [0u8; SUPERBLOCK_SIZE];
         let mut flags = 0;
         if self.clean {
@@ -141,14 +184,45 @@ impl Superblock {
         buf[off::SALT].copy_from_slice(&self.salt.to_le_bytes());
         buf[off::DATA_SIZE].copy_from_slice(&self.data_size.to_le_bytes());
         buf[off::GENERATION].copy_from_slice(&self.generation.to_le_bytes());
+        if let (HASH_BLAKE3_KEYED, Some(key)) = (self.hash_id, key) {
+            let mac = mac_of(&buf, key);
+            buf[off::MAC].copy_from_slice(mac.as_bytes());
+        }
         // The checksum field is still zero here, as the checksum requires.
         let sum = xxh3_64(&buf);
         buf[off::CHECKSUM].copy_from_slice(&sum.to_le_bytes());
         buf
     }
 
-    /// Parse and validate a sector read from disk.
+    /// Parse and validate the sector of an unkeyed disk.
     pub fn decode(sector: &[u8]) -> Result<Self, SuperblockError> {
+        Self::decode_with(sector, None)
+    }
+
+    /// Parse and validate a sector read from disk, for a caller holding
+    /// `key` (or none). Refused besides what [`decode_unverified`] refuses:
+    /// a keyed superblock without a key or with a MAC that does not match
+    /// it, and an unkeyed one with a key or with a MAC.
+    ///
+    /// [`decode_unverified`]: Self::decode_unverified
+    pub fn decode_with(sector: &[u8], key: Option<&Key>) -> Result<Self, SuperblockError> {
+        let sb = Self::decode_unverified(sector)?;
+        let mac = field::<32>(sector, off::MAC);
+        match (sb.hash_id, key) {
+            (HASH_XXH3, _) if mac != [0u8; 32] => Err(SuperblockError::StrayMac),
+            (HASH_XXH3, Some(_)) => Err(SuperblockError::UnexpectedKey),
+            (HASH_BLAKE3_KEYED, None) => Err(SuperblockError::KeyRequired),
+            // blake3::Hash compares in constant time.
+            (HASH_BLAKE3_KEYED, Some(k)) if blake3::Hash::from(mac) != mac_of(sector, k) => {
+                Err(SuperblockError::BadMac)
+            }
+            _ => Ok(sb),
+        }
+    }
+
+    /// Parse and validate a sector without checking a keyed superblock's
+    /// MAC: only to show what it says (`info`) or to recognise metadata.
+    pub fn decode_unverified(sector: &[u8]) -> Result<Self, SuperblockError> {
         let buf = sector
             .get(..SUPERBLOCK_SIZE)
             .ok_or(SuperblockError::Short(sector.len()))?;
@@ -173,7 +247,7 @@ impl Superblock {
         let block_size = u32_le(buf, off::BLOCK_SIZE);
         check_block_size(block_size)?;
         let hash_id = u32_le(buf, off::HASH_ID);
-        if hash_id != HASH_XXH3 {
+        if hash_id != HASH_XXH3 && hash_id != HASH_BLAKE3_KEYED {
             return Err(SuperblockError::HashId(hash_id));
         }
         let blocks = u64_le(buf, off::BLOCKS);
@@ -217,6 +291,16 @@ fn checksum_of(buf: &[u8]) -> u64 {
     copy.copy_from_slice(&buf[..SUPERBLOCK_SIZE]);
     copy[off::CHECKSUM].fill(0);
     xxh3_64(&copy)
+}
+
+/// The MAC of a keyed superblock: the sector with the checksum and MAC
+/// fields read as zero, under the key's superblock subkey.
+fn mac_of(buf: &[u8], key: &Key) -> blake3::Hash {
+    let mut copy = [0u8; SUPERBLOCK_SIZE];
+    copy.copy_from_slice(&buf[..SUPERBLOCK_SIZE]);
+    copy[off::CHECKSUM].fill(0);
+    copy[off::MAC].fill(0);
+    key.superblock_mac(&copy)
 }
 
 // The helpers below take field ranges from `off`, which lie inside a
@@ -409,5 +493,110 @@ mod tests {
             Superblock::new(2048, 4096, 0),
             Err(SuperblockError::BlockSize(2048))
         );
+    }
+
+    fn key(byte: u8) -> Key {
+        Key::from_bytes(&[byte; 32]).unwrap()
+    }
+
+    fn keyed_sample() -> Superblock {
+        Superblock {
+            hash_id: HASH_BLAKE3_KEYED,
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn keyed_round_trip_needs_the_key() {
+        let sb = keyed_sample();
+        let buf = sb.encode_with(Some(&key(1)));
+        assert_eq!(Superblock::decode_with(&buf, Some(&key(1))), Ok(sb.clone()));
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::KeyRequired));
+        assert_eq!(
+            Superblock::decode_with(&buf, Some(&key(2))),
+            Err(SuperblockError::BadMac)
+        );
+        // Only to look at it.
+        assert_eq!(Superblock::decode_unverified(&buf), Ok(sb));
+    }
+
+    #[test]
+    fn keyed_golden_bytes_put_the_mac_at_64() {
+        let buf = keyed_sample().encode_with(Some(&key(1)));
+        assert_eq!(&buf[24..28], &[2, 0, 0, 0]);
+        let mut zeroed = buf;
+        zeroed[56..96].fill(0);
+        let mac = key(1).superblock_mac(&zeroed);
+        assert_eq!(&buf[64..96], mac.as_bytes());
+        // Pinned, key derivation included: keyed disks formatted now must
+        // open in later builds.
+        assert_eq!(&buf[64..72], &[57, 127, 94, 88, 26, 188, 121, 145]);
+        assert!(buf[96..].iter().all(|&b| b == 0));
+        let mut sealed = buf;
+        sealed[56..64].fill(0);
+        assert_eq!(&buf[56..64], &xxh3_64(&sealed).to_le_bytes());
+    }
+
+    #[test]
+    fn a_field_changed_and_resealed_breaks_the_mac() {
+        let good = keyed_sample().encode_with(Some(&key(1)));
+        // Salt, flags (sync mode), generation, block count with data size,
+        // and a byte of the reserved area.
+        type Edit = fn(&mut [u8; SUPERBLOCK_SIZE]);
+        let edits: [Edit; 5] = [
+            |b| b[33] ^= 1,
+            |b| b[28] ^= 2,
+            |b| b[48] ^= 1,
+            |b| {
+                b[16] = 0x80;
+                b[40..48].copy_from_slice(&(0x180u64 * 4096).to_le_bytes());
+            },
+            |b| b[300] = 9,
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut buf = good;
+            edit(&mut buf);
+            reseal(&mut buf);
+            assert!(Superblock::decode_unverified(&buf).is_ok(), "edit {i}");
+            assert_eq!(
+                Superblock::decode_with(&buf, Some(&key(1))),
+                Err(SuperblockError::BadMac),
+                "edit {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn hash_id_flipped_to_unkeyed_is_caught() {
+        let good = keyed_sample().encode_with(Some(&key(1)));
+        let mut flipped = good;
+        flipped[24] = HASH_XXH3 as u8;
+        reseal(&mut flipped);
+        // The MAC left in place gives it away even without the key.
+        assert_eq!(Superblock::decode(&flipped), Err(SuperblockError::StrayMac));
+        assert_eq!(
+            Superblock::decode_with(&flipped, Some(&key(1))),
+            Err(SuperblockError::StrayMac)
+        );
+        // With the MAC wiped too, only the key's holder can tell: the disk
+        // now looks unkeyed, and an unkeyed disk refuses a key.
+        flipped[64..96].fill(0);
+        reseal(&mut flipped);
+        assert!(Superblock::decode(&flipped).is_ok());
+        assert_eq!(
+            Superblock::decode_with(&flipped, Some(&key(1))),
+            Err(SuperblockError::UnexpectedKey)
+        );
+    }
+
+    #[test]
+    fn unkeyed_superblock_refuses_a_key() {
+        let buf = sample().encode();
+        assert_eq!(
+            Superblock::decode_with(&buf, Some(&key(1))),
+            Err(SuperblockError::UnexpectedKey)
+        );
+        // A key given to encode changes nothing for an unkeyed superblock.
+        assert_eq!(sample().encode_with(Some(&key(1))), buf);
     }
 }

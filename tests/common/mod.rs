@@ -77,11 +77,18 @@ pub struct Disk {
 impl Disk {
     /// A sparse image of `size` bytes formatted with `block_size`.
     pub fn new(size: u64, block_size: u64) -> Self {
+        Self::new_with(size, block_size, |_| Vec::new())
+    }
+
+    /// [`new`](Self::new) with more `format` arguments, made from the
+    /// scratch directory (for files that must live in it).
+    pub fn new_with(size: u64, block_size: u64, extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let extra = extra(dir.path());
         let data = dir.path().join("disk.img");
         let meta = dir.path().join("disk.meta");
         let socket = dir.path().join("twinsum.sock");
-        let o = twinsum(&[
+        let args = [
             "format",
             "--data",
             s(&data),
@@ -91,7 +98,12 @@ impl Disk {
             &size.to_string(),
             "--block-size",
             &block_size.to_string(),
-        ]);
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(extra)
+        .collect::<Vec<_>>();
+        let o = twinsum(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(
             o.status.success(),
             "format failed: {}",

@@ -43,8 +43,9 @@ use self::pairs::State;
 use self::rounds::{zero_chunks, Source, Update};
 use self::writeback::Writeback;
 use super::gate::SyncGate;
-use super::hash;
+use super::hash::Checksum;
 use crate::io::{MemRegion, Region};
+use crate::key::Key;
 use crate::meta::{DeviceRef, Metadata, Superblock};
 use crate::stage::{BootId, Identity, Stage};
 
@@ -78,6 +79,8 @@ pub struct EngineOptions {
     /// Bytes of the in-process stage an engine opened without one of its
     /// own ([`Engine::open`]) uses.
     pub stage_bytes: u64,
+    /// The key of a disk with keyed checksums; `None` for an unkeyed disk.
+    pub key: Option<Key>,
 }
 
 /// Default bound of the write-back stage.
@@ -92,6 +95,7 @@ impl Default for EngineOptions {
             cache_pages: 16384,
             write_cache: true,
             stage_bytes: DEFAULT_STAGE_BYTES,
+            key: None,
         }
     }
 }
@@ -183,7 +187,7 @@ struct Core {
     meta_dev: DeviceRef,
     block_size: u32,
     blocks: u64,
-    salt: u64,
+    sum: Checksum,
     opts: EngineOptions,
     was_clean: bool,
     state: Mutex<State>,
@@ -366,7 +370,8 @@ impl Core {
         stage: StageConfig,
         opts: EngineOptions,
     ) -> Result<(Self, Replayed), EngineError> {
-        let metadata = Metadata::open(meta.clone(), opts.cache_pages.max(16))?;
+        let metadata =
+            Metadata::open_with(meta.clone(), opts.cache_pages.max(16), opts.key.as_ref())?;
         metadata.check_image(data.size())?;
         let sb = metadata.superblock().clone();
         if !sb.clean {
@@ -410,7 +415,7 @@ impl Core {
         let mut core = Self {
             block_size: sb.block_size,
             blocks: sb.blocks,
-            salt: sb.salt,
+            sum: Checksum::of(&sb, opts.key.as_ref()).map_err(crate::meta::MetaError::from)?,
             was_clean: sb.clean,
             state: Mutex::new(State::new(metadata, !sb.clean)),
             completed: Condvar::new(),
@@ -644,7 +649,7 @@ impl Core {
     fn sums_of(&self, block: u64, data: &[u8]) -> Vec<u64> {
         data.chunks_exact(self.block_size as usize)
             .enumerate()
-            .map(|(i, blk)| hash::block_hash(self.salt, block + i as u64, blk))
+            .map(|(i, blk)| self.sum.block_hash(block + i as u64, blk))
             .collect()
     }
 }

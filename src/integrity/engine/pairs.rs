@@ -20,7 +20,7 @@ use log::warn;
 
 use super::rounds::Update;
 use super::{Core, EngineError};
-use crate::integrity::hash::{self, Verdict};
+use crate::integrity::hash::Verdict;
 use crate::meta::{MetaError, Metadata, Pair};
 
 /// A block written since the last data sync.
@@ -145,7 +145,7 @@ impl Core {
             self.data
                 .read_at(&mut buf, self.offset(b))
                 .map_err(EngineError::io("reading a block left pending by a crash"))?;
-            let sum = match hash::verify(self.salt, b, &buf, p.new, p.old) {
+            let sum = match self.sum.verify(b, &buf, p.new, p.old) {
                 Verdict::New => p.new,
                 Verdict::Old => p.old,
                 // Damaged: keep both slots so the damage stays visible.

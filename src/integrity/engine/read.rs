@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use log::error;
 
 use super::{Core, EngineError, OnMismatch};
-use crate::integrity::hash::{self, Verdict};
+use crate::integrity::hash::Verdict;
 use crate::meta::Pair;
 
 /// Reads retry at most this often while pairs keep changing under them.
@@ -44,7 +44,7 @@ impl Core {
                 let b = block + i as u64;
                 if queued.get(i).copied().unwrap_or(false) {
                     data.copy_from_slice(&queued_data[i * bs..(i + 1) * bs]);
-                } else if hash::verify(self.salt, b, data, p.new, p.old) == Verdict::Neither {
+                } else if self.sum.verify(b, data, p.new, p.old) == Verdict::Neither {
                     bad.push(b);
                 }
             }

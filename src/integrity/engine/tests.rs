@@ -9,7 +9,7 @@ use super::*;
 use crate::integrity::hash::ZERO;
 use crate::io::volatile::MemDevice;
 use crate::io::Device;
-use crate::meta::{Metadata, Pair, Superblock};
+use crate::meta::{MetaError, Metadata, Pair, Superblock};
 
 /// An in-memory device whose writes are immediately durable, which counts
 /// syncs and can be told to fail writes.
@@ -236,7 +236,7 @@ fn flush_forgets_old_checksums_lazily() {
     let v = pattern(512, 1, 4);
     e.write(1, &v).unwrap();
     e.drain();
-    let h = hash::block_hash(0x5eed, 1, &v);
+    let h = Checksum::xxh3(0x5eed).block_hash(1, &v);
     let pair = |e: &Engine| e.lock().meta.get(1).unwrap();
     assert_eq!(pair(&e), Pair { new: h, old: ZERO });
     e.flush().unwrap();
@@ -326,7 +326,7 @@ fn sync_mode_leaves_metadata_current_after_every_write() {
     // No flush, no write-back: the metadata device already has (h, h).
     let fresh = Metadata::open(disk.meta.clone(), 16);
     let mut fresh = fresh.unwrap();
-    let h = hash::block_hash(0x5eed, 3, &v);
+    let h = Checksum::xxh3(0x5eed).block_hash(3, &v);
     assert_eq!(fresh.get(3).unwrap(), Pair { new: h, old: h });
     assert!(fresh.superblock().sync_mode);
     e.leave_sync_mode().unwrap();
@@ -378,7 +378,7 @@ fn a_pair_left_by_a_crash_is_resolved_before_the_next_write() {
     assert_eq!(buf, v1);
     // A new write must keep c(v1) as old: the disk holds v1, not v2.
     e.write(0, &v3).unwrap();
-    let h1 = hash::block_hash(0x5eed, 0, &v1);
+    let h1 = Checksum::xxh3(0x5eed).block_hash(0, &v1);
     assert_eq!(e.lock().meta.get(0).unwrap().old, h1);
 }
 
@@ -454,4 +454,100 @@ fn without_the_write_cache_a_completed_write_is_on_the_disk() {
     disk.data.read_at(&mut raw, 3 * 512).unwrap();
     assert_eq!(raw, v);
     assert_eq!(e.stats().queued, 0);
+}
+
+// ---- keyed checksums --------------------------------------------------
+
+fn test_key(byte: u8) -> Key {
+    Key::from_bytes(&[byte; 32]).unwrap()
+}
+
+impl Disk {
+    /// As `twinsum format --key-file` leaves it.
+    fn keyed(bs: u32, blocks: u64, key: &Key) -> Self {
+        let size = bs as u64 * blocks;
+        let data = Mem::new(size as usize);
+        let meta = Mem::new(crate::meta::meta_len(blocks) as usize);
+        let mut sb = Superblock::new(bs, size, 0x5eed).unwrap();
+        sb.hash_id = crate::meta::HASH_BLAKE3_KEYED;
+        sb.clean = true;
+        Metadata::create_with(meta.clone(), sb, 64, Some(key)).unwrap();
+        Self { data, meta }
+    }
+
+    fn keyed_engine(&self, key: Option<&Key>) -> Result<Engine, EngineError> {
+        let opts = EngineOptions {
+            key: key.cloned(),
+            ..EngineOptions::default()
+        };
+        Engine::open(self.data.clone(), self.meta.clone(), opts)
+    }
+}
+
+#[test]
+fn keyed_disk_stores_keyed_checksums_and_reads_back() {
+    let key = test_key(1);
+    let disk = Disk::keyed(512, 8, &key);
+    let e = disk.keyed_engine(Some(&key)).unwrap();
+    let v = pattern(512, 2, 3);
+    e.write(4, &v).unwrap();
+    e.flush().unwrap();
+    let c = Checksum::keyed(0x5eed, &key);
+    let h = c.block_hash(4, &v[..512]);
+    assert_eq!(e.lock().meta.get(4).unwrap(), Pair { new: h, old: h });
+    assert_ne!(h, Checksum::xxh3(0x5eed).block_hash(4, &v[..512]));
+    e.make_clean().unwrap();
+    drop(e);
+    let e = disk.keyed_engine(Some(&key)).unwrap();
+    let mut buf = vec![0; 1024];
+    e.read(4, &mut buf).unwrap();
+    assert_eq!(buf, v);
+}
+
+#[test]
+fn block_rewritten_with_an_unkeyed_pair_is_caught() {
+    let key = test_key(1);
+    let disk = Disk::keyed(512, 8, &key);
+    let e = disk.keyed_engine(Some(&key)).unwrap();
+    e.write(2, &pattern(512, 1, 1)).unwrap();
+    e.make_clean().unwrap();
+    drop(e);
+    // Someone with write access to both files but not the key: new data,
+    // and its pair computed the way an unkeyed disk's would be, with the
+    // salt read from the superblock.
+    let forged = pattern(512, 1, 2);
+    disk.data.inner.write_at(&forged, 2 * 512).unwrap();
+    let h = Checksum::xxh3(0x5eed).block_hash(2, &forged);
+    let mut pair = [0u8; 16];
+    pair[..8].copy_from_slice(&h.to_le_bytes());
+    pair[8..].copy_from_slice(&h.to_le_bytes());
+    disk.meta
+        .inner
+        .write_at(&pair, crate::meta::TABLE_OFFSET + 2 * 16)
+        .unwrap();
+    let e = disk.keyed_engine(Some(&key)).unwrap();
+    let mut buf = vec![0; 512];
+    assert!(matches!(
+        e.read(2, &mut buf),
+        Err(EngineError::Mismatch { block: 2 })
+    ));
+}
+
+#[test]
+fn keyed_disk_refuses_no_key_and_a_wrong_key_and_unkeyed_refuses_a_key() {
+    use crate::meta::SuperblockError as S;
+    let refusal = |r: Result<Engine, EngineError>| match r {
+        Err(EngineError::Meta(MetaError::Superblock(s))) => s,
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("opened"),
+    };
+    let key = test_key(1);
+    let keyed = Disk::keyed(512, 8, &key);
+    assert_eq!(refusal(keyed.keyed_engine(None)), S::KeyRequired);
+    assert_eq!(refusal(keyed.keyed_engine(Some(&test_key(2)))), S::BadMac);
+    let plain = Disk::new(512, 8);
+    assert_eq!(refusal(plain.keyed_engine(Some(&key))), S::UnexpectedKey);
+    // The refusals wrote nothing: both still open as they should.
+    assert!(keyed.keyed_engine(Some(&key)).is_ok());
+    assert!(plain.keyed_engine(None).is_ok());
 }
