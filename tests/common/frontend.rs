@@ -118,7 +118,12 @@ impl GuestMem {
                 0,
             )
         };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            io::Error::last_os_error()
+        );
         Self {
             fd,
             ptr: ptr.cast(),
@@ -154,7 +159,10 @@ impl GuestMem {
 
     fn check(&self, gpa: u64, len: usize) -> usize {
         let end = gpa.checked_add(len as u64).expect("address overflow");
-        assert!(end <= self.len as u64, "{gpa:#x}+{len} is outside guest memory");
+        assert!(
+            end <= self.len as u64,
+            "{gpa:#x}+{len} is outside guest memory"
+        );
         gpa as usize
     }
 
@@ -447,6 +455,9 @@ pub struct Front {
     pub vqs: Vec<Vq>,
 }
 
+/// One step of the set-up sequence.
+type Step<'a> = &'a dyn Fn(&mut Frontend) -> Result<(), vhost::Error>;
+
 /// How far [`Front::connect_partial`] gets through the set-up sequence.
 pub const SETUP_STEPS: usize = 7;
 
@@ -476,7 +487,7 @@ impl Front {
         let vqs: Vec<_> = (0..opts.queues)
             .map(|q| Vq::new(q, opts.queue_size))
             .collect();
-        let front_steps: [&dyn Fn(&mut Frontend) -> Result<(), vhost::Error>; SETUP_STEPS] = [
+        let front_steps: [Step; SETUP_STEPS] = [
             &|fe| fe.set_owner(),
             &|fe| {
                 let offered = fe.get_features()?;
