@@ -168,26 +168,48 @@ impl GuestMem {
 
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         let at = self.check(gpa, bytes.len());
-        for (i, &b) in bytes.iter().enumerate() {
-            // SAFETY: in bounds (checked above) of a live mapping.
-            unsafe { self.ptr.add(at + i).write_volatile(b) };
+        let mut i = 0;
+        while i < bytes.len() {
+            // SAFETY: in bounds (checked above) of a live mapping; the u64
+            // store is 8-aligned (the mapping is page-aligned).
+            unsafe {
+                let p = self.ptr.add(at + i);
+                if (at + i) % 8 == 0 && bytes.len() - i >= 8 {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&bytes[i..i + 8]);
+                    p.cast::<u64>().write_volatile(u64::from_ne_bytes(w));
+                    i += 8;
+                } else {
+                    p.write_volatile(bytes[i]);
+                    i += 1;
+                }
+            }
         }
     }
 
     pub fn fill(&self, gpa: u64, len: usize, byte: u8) {
-        let at = self.check(gpa, len);
-        for i in 0..len {
-            // SAFETY: in bounds (checked above) of a live mapping.
-            unsafe { self.ptr.add(at + i).write_volatile(byte) };
-        }
+        self.write(gpa, &vec![byte; len]);
     }
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
         let at = self.check(gpa, len);
-        (0..len)
-            // SAFETY: in bounds (checked above) of a live mapping.
-            .map(|i| unsafe { self.ptr.add(at + i).read_volatile() })
-            .collect()
+        let mut out = Vec::with_capacity(len);
+        let mut i = 0;
+        while i < len {
+            // SAFETY: in bounds (checked above) of a live mapping; the u64
+            // load is 8-aligned.
+            unsafe {
+                let p = self.ptr.add(at + i);
+                if (at + i) % 8 == 0 && len - i >= 8 {
+                    out.extend_from_slice(&p.cast::<u64>().read_volatile().to_ne_bytes());
+                    i += 8;
+                } else {
+                    out.push(p.read_volatile());
+                    i += 1;
+                }
+            }
+        }
+        out
     }
 
     pub fn write_u16(&self, gpa: u64, v: u16) {
