@@ -180,10 +180,17 @@ impl BlkBackend {
                 check_rings(&*mem, q)?;
                 q.disable_notification(&*mem)?;
             }
-            self.process(vring, pool)?;
+            let done = self.process(vring, pool);
+            if !event_idx {
+                return done;
+            }
             // With EVENT_IDX, re-enabling notifications tells us whether the
             // driver added buffers meanwhile; without it a kick will come.
-            if !event_idx || !vring.get_mut().get_queue_mut().enable_notification(&*mem)? {
+            // Re-enabled even after a failure: with a stale avail_event the
+            // driver would never kick a repaired ring.
+            let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+            done?;
+            if !more? {
                 return Ok(());
             }
         }

@@ -315,6 +315,12 @@ pub fn register(mem: &GuestMemoryMmap) -> Result<(), TableError> {
     Ok(())
 }
 
+/// Forget (and so unmap) the registered mappings nothing else uses.
+pub fn forget_unused() {
+    let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+    prune(&mut owners);
+}
+
 /// Drop the slots whose mapping only we still hold: no thread can be
 /// touching it (touching needs a reference), so its slot can go before
 /// the mapping does.

@@ -448,6 +448,10 @@ fn serve_connections(
         backend.close();
         drop(daemon);
         served.frontend_gone(&conn);
+        // Unmap the front-end's memory now rather than at the next memory
+        // table: a guest's RAM stays allocated while anyone maps it.
+        drop(backend);
+        guestmem::forget_unused();
     }
 }
 
