@@ -999,6 +999,10 @@ fn messages_case(disk: &Disk, rng: &mut StdRng, opts: &Options, stats: &mut Stat
         msg.extend_from_slice(&flags.to_le_bytes());
         msg.extend_from_slice(&size.to_le_bytes());
         msg.extend_from_slice(&body);
+        // Now and then cut short, even inside the header.
+        if rng.gen_bool(0.1) {
+            msg.truncate(rng.gen_range(1..msg.len()));
+        }
         let fds = match rng.gen_range(0..4) {
             0 => vec![extra.fd()],
             1 => vec![event.as_raw_fd()],
