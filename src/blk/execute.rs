@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use super::ratelimit::RateLimit;
 use super::request::{
-    gather, scatter, status_of, Kind, Limits, ParseError, Request, RequestError, Segments, ID_LEN,
+    gather, scatter, status_of, write_status, Kind, Limits, ParseError, Request, RequestError,
+    Segments, ID_LEN,
 };
 use crate::integrity::{Engine, EngineError, Op};
 
@@ -425,7 +426,7 @@ impl Disk {
                 status_of(e)
             }
         };
-        if let Err(e) = mem.write_slice(&[status], status_addr) {
+        if let Err(e) = write_status(mem, status_addr, status) {
             self.warn(format_args!(
                 "request {}: cannot write status: {e}",
                 job.head
@@ -465,7 +466,6 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueOwnedT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
@@ -495,13 +495,7 @@ mod tests {
     fn run(f: &Fixture, reqs: &[Req], write_through: bool) -> Vec<Used> {
         let vq = MockSplitQueue::new(&f.mem, 256);
         vq.add_desc_chains(&descriptors(&f.mem, reqs), 0).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let limits = *f.disk.limits();
-        let parsed = q
-            .iter(&f.mem)
-            .unwrap()
-            .map(|c| Request::parse(c, &limits))
-            .collect();
+        let parsed = parse_ring(&f.mem, &vq, f.disk.limits());
         f.disk
             .run(&f.mem, parsed, write_through, &mut f.pool.borrow_mut())
     }
@@ -730,13 +724,7 @@ mod tests {
             if vq.add_desc_chains(&descs, 0).is_err() {
                 continue;
             }
-            let mut q: Queue = vq.create_queue().unwrap();
-            let limits = *f.disk.limits();
-            let parsed: Vec<_> = q
-                .iter(&f.mem)
-                .unwrap()
-                .map(|c| Request::parse(c, &limits))
-                .collect();
+            let parsed = parse_ring(&f.mem, &vq, f.disk.limits());
             let heads = parsed.len();
             let used = f
                 .disk

@@ -1,14 +1,19 @@
 //! virtio-blk over vhost-user: request parsing and the backend.
 //!
+//! - [`chain`]: walk a descriptor chain, checking every link.
 //! - [`request`]: parse and validate one descriptor chain (no I/O).
 //! - [`execute`]: run a drained ring as one engine batch, with owned buffers.
 //! - [`config`]: feature bits and the config space.
 //! - [`backend`]: the vhost-user backend of one front-end connection.
+//! - [`guestmem`]: memory tables checked against their files, and a
+//!   SIGBUS handler for a file that shrinks later.
 //! - [`server`]: socket, connection loop, signals, periodic write-back.
 
 pub mod backend;
+pub mod chain;
 pub mod config;
 pub mod execute;
+pub mod guestmem;
 mod ratelimit;
 pub mod request;
 pub mod server;

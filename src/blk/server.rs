@@ -36,6 +36,7 @@ use self::power::VolatileDisk;
 use super::backend::BlkBackend;
 use super::config;
 use super::execute::Disk;
+use super::guestmem;
 use super::request::ID_LEN;
 use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch, StageConfig};
 use crate::io::volatile::PowerSupply;
@@ -113,6 +114,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // only the signal thread ever sees these signals (via sigwait): no
     // asynchronous handler runs at all.
     let signals = block_signals().map_err(ServeError::Signals)?;
+    // A front-end's memory file that shrinks must fail requests, not kill
+    // the process: the SIGBUS handler, before any guest memory is mapped.
+    guestmem::install().map_err(|e| ServeError::Signals(io::Error::other(e)))?;
 
     let _socket_lock = lock_socket(&cfg.socket)?;
     let served = Arc::new(Served::open(&cfg)?);
@@ -535,10 +539,11 @@ fn serve_connections(
         if !wait_for_frontend(&listener, control)? || control.stopping() {
             return Ok(());
         }
+        // The handler's memory: the backend checks each table put there
+        // before its workers see it (BlkBackend::update_memory).
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let conn = served.current();
-        let mut backend =
-            BlkBackend::new(conn.disk.clone(), cfg.queues, cfg.queue_size, mem.clone());
+        let mut backend = BlkBackend::new(conn.disk.clone(), cfg.queues, cfg.queue_size);
         if let Some(p) = &conn.power {
             backend = backend.with_power(p.clone());
         }
@@ -568,6 +573,10 @@ fn serve_connections(
         backend.close();
         drop(daemon);
         served.frontend_gone(&conn);
+        // Unmap the front-end's memory now rather than at the next memory
+        // table: a guest's RAM stays allocated while anyone maps it.
+        drop(backend);
+        guestmem::forget_unused();
     }
 }
 

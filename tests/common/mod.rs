@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod frontend;
 pub mod load;
 
 use std::fs::{self, File};
@@ -238,6 +239,11 @@ impl Daemon {
             }
             UnixStream::connect(&socket).ok().map(|_| ())
         });
+    }
+
+    /// The exit status, if the daemon has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn pid(&self) -> i32 {
