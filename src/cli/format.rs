@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use twinsum::integrity::hash::{self, Checksum};
 use twinsum::io::{Device, FileDevice, OpenFlags};
 use twinsum::key::Key;
-use twinsum::meta::{meta_len, Metadata, Pair, Superblock, HASH_BLAKE3_KEYED, SUPERBLOCK_SIZE};
+use twinsum::meta::{Metadata, Pair, Superblock, HASH_BLAKE3_KEYED, SUPERBLOCK_SIZE};
 
 use super::check::{progress_bar, scan_data};
 
@@ -43,7 +43,16 @@ pub struct FormatArgs {
     /// if group or others may read or write FILE.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// MiB of metadata log after the pair table (format version 2): each
+    /// commit then appends one sequential record instead of writing a
+    /// table page per block. 0 writes version 1 metadata, without a log
+    /// [default: the table's size, between 1 and 16 MiB].
+    #[arg(long, value_name = "MIB")]
+    meta_log: Option<u64>,
 }
+
+/// Largest `--meta-log`.
+const MAX_LOG_MIB: u64 = 4096;
 
 /// Validated `format` arguments.
 #[derive(Debug)]
@@ -54,6 +63,8 @@ struct FormatConfig {
     block_size: u32,
     force: bool,
     key: Option<Key>,
+    /// Bytes of metadata log (0: version 1); `None`: sized from the table.
+    log_size: Option<u64>,
 }
 
 impl TryFrom<FormatArgs> for FormatConfig {
@@ -66,6 +77,9 @@ impl TryFrom<FormatArgs> for FormatConfig {
         if let Some(size) = a.size {
             check_size(size, a.block_size).context("bad --size")?;
         }
+        if let Some(mib) = a.meta_log.filter(|&m| m > MAX_LOG_MIB) {
+            bail!("--meta-log must be at most {MAX_LOG_MIB} MiB, not {mib}");
+        }
         Ok(Self {
             data: a.data,
             meta: a.meta,
@@ -73,6 +87,7 @@ impl TryFrom<FormatArgs> for FormatConfig {
             block_size: a.block_size,
             force: a.force,
             key: super::load_key(a.key_file.as_ref())?,
+            log_size: a.meta_log.map(|m| m << 20),
         })
     }
 }
@@ -93,7 +108,18 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     if cfg.key.is_some() {
         sb.hash_id = HASH_BLAKE3_KEYED;
     }
-    let meta_dev = create_meta(&cfg.meta, meta_len(sb.blocks))?;
+    // A log as large as the table it fronts, within 1..=16 MiB: room for
+    // seconds of commit rounds between checkpoints on any disk, and no
+    // more than the table itself on a small one.
+    let log_size = cfg.log_size.unwrap_or_else(|| {
+        (sb.blocks * 16)
+            .next_multiple_of(1 << 20)
+            .clamp(1 << 20, 16 << 20)
+    });
+    if log_size > 0 {
+        sb = sb.with_log(log_size);
+    }
+    let meta_dev = create_meta(&cfg.meta, sb.meta_len())?;
     let mut meta = Metadata::create_with(Arc::new(meta_dev), sb, CACHE_PAGES, cfg.key.as_ref())
         .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
     let done = hash_data(&mut meta, &data)

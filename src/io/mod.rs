@@ -28,6 +28,14 @@ pub trait Device: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Write all of `buf` at `offset` and make just that range durable,
+    /// without waiting for the device's other un-synced writes (a metadata
+    /// log record must not pay for every table page written meanwhile).
+    /// Only this range is promised durable when it returns.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync()
+    }
     /// Make `len` bytes at `offset` read as zeros (hole punch, zero-out).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The first region at or after `offset` that may hold non-zero data,

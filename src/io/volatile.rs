@@ -582,6 +582,35 @@ impl VolatileDevice {
         Ok(())
     }
 
+    /// Make the units `len` bytes at `offset` touch durable (their newest
+    /// version), leaving every other cached unit un-synced: what a write
+    /// with FUA, or a range sync, does on a real disk.
+    fn sync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut state = self.lock();
+        self.supplied()?;
+        self.count_call(&mut state)?;
+        state.stats.syncs += 1;
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.unit;
+        let last = (offset + len - 1) / self.unit;
+        let units: Vec<u64> = state.cache.range(first..=last).map(|(&u, _)| u).collect();
+        let mut run = Run::default();
+        for u in &units {
+            if let Some(v) = state.cache.get(u).and_then(|v| v.last()) {
+                run.push(self, *u, v)?;
+            }
+        }
+        run.flush(self)?;
+        for u in units {
+            if let Some(v) = state.cache.remove(&u) {
+                state.versions -= v.len();
+            }
+        }
+        self.inner.sync()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update leaves the state consistent between statements that
         // could panic, so a poisoned lock still guards a usable cache.
@@ -840,6 +869,11 @@ impl Device for VolatileDevice {
             |range| Version::from_sector(&buf[range]),
             |out, range| out.copy_from_slice(&buf[range]),
         )
+    }
+
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync_range(offset, buf.len() as u64)
     }
 
     fn sync(&self) -> io::Result<()> {
