@@ -1375,6 +1375,9 @@ impl Rig {
     /// engine may complete a write before issuing it (a write-back stage),
     /// and damage injected before that would simply be overwritten.
     fn landed(&self, b: u64) {
+        // Out of the stage too: a read serves a staged write from there,
+        // and would not see damage done to the device under it.
+        self.engine.drain();
         let mut buf = vec![0u8; self.bs];
         let t = Instant::now();
         loop {

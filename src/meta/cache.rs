@@ -73,6 +73,58 @@ pub struct Metadata {
     /// never do, and never write).
     overlay: BTreeMap<u64, Pair>,
     replayed: LogReplay,
+    /// One bit per table page: set if the page may hold data on the
+    /// device. A clear bit is a page known to be a hole (it reads as the
+    /// zero pair), answered without a read: on a huge sparse disk almost
+    /// every miss is one.
+    allocated: PageBits,
+}
+
+/// A bit per table page.
+struct PageBits(Vec<u64>);
+
+impl PageBits {
+    fn get(&self, page: u64) -> bool {
+        self.0
+            .get((page / 64) as usize)
+            .map_or(true, |w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn set(&mut self, page: u64) {
+        if let Some(w) = self.0.get_mut((page / 64) as usize) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// Where the table's data regions are, from the device; a device that
+    /// cannot tell reports all of it as data.
+    fn of(dev: &DeviceRef, pages: u64) -> Result<Self, MetaError> {
+        let mut bits = PageBits(vec![0; pages.div_ceil(64) as usize]);
+        let table_end = TABLE_OFFSET + pages * PAGE_SIZE;
+        let mut at = TABLE_OFFSET;
+        while at < table_end {
+            let Some((start, end)) = dev
+                .next_data(at)
+                .map_err(io_err("looking for holes in the pair table"))?
+            else {
+                break;
+            };
+            if start >= table_end {
+                break;
+            }
+            let first = (start - TABLE_OFFSET) / PAGE_SIZE;
+            let last = (end.min(table_end) - TABLE_OFFSET).div_ceil(PAGE_SIZE);
+            if last - first == pages {
+                bits.0.fill(u64::MAX);
+                break;
+            }
+            for p in first..last {
+                bits.set(p);
+            }
+            at = end.max(start + 1);
+        }
+        Ok(bits)
+    }
 }
 
 /// What the log replay found at open.
@@ -182,6 +234,8 @@ impl Metadata {
         } else {
             (None, BTreeMap::new(), LogReplay::default())
         };
+        let pages = (meta_len(sb.blocks) - TABLE_OFFSET) / PAGE_SIZE;
+        let allocated = PageBits::of(&dev, pages)?;
         Ok(Self {
             dev,
             sb,
@@ -191,6 +245,7 @@ impl Metadata {
             log,
             overlay,
             replayed: replay,
+            allocated,
         })
     }
 
@@ -478,8 +533,10 @@ impl Metadata {
             return Ok(slot);
         }
         let slot = self.free_slot()?;
-        // A hole in the table reads as zeros: Pair::ZERO.
-        if let Err(e) = self
+        if !self.allocated.get(page) {
+            // Known to be a hole: it reads as zeros (Pair::ZERO) anyway.
+            self.cache.data_mut(slot).fill(0);
+        } else if let Err(e) = self
             .dev
             .read_at(self.cache.data_mut(slot), page_offset(page))
         {
@@ -511,6 +568,10 @@ impl Metadata {
             return Ok(());
         };
         let offset = page_offset(self.cache.page_of(first));
+        for &s in slots {
+            let page = self.cache.page_of(s);
+            self.allocated.set(page);
+        }
         if let [only] = slots {
             self.dev
                 .write_at(self.cache.data(*only), offset)
@@ -543,10 +604,13 @@ impl Metadata {
 
     /// Number of consecutive uncached pages from `page` on, up to
     /// `last_page` and at most one maximal transfer.
+    /// Pages in such a run are either all known holes or all possibly
+    /// data, so that a run of holes costs no read.
     fn uncached_run(&self, page: u64, last_page: u64) -> u64 {
         let limit = (last_page - page + 1).min(MAX_RUN_PAGES);
+        let hole = !self.allocated.get(page);
         (1..limit)
-            .find(|&i| self.cache.contains(page + i))
+            .find(|&i| self.cache.contains(page + i) || self.allocated.get(page + i) == hole)
             .unwrap_or(limit)
     }
 
@@ -560,12 +624,19 @@ impl Metadata {
         out: &mut [Pair],
     ) -> Result<usize, MetaError> {
         let len = (run * PAGE_SIZE) as usize;
+        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        if !self.allocated.get(page) {
+            // Known holes: zero pairs, with no read and nothing cached (a
+            // page that is written later is paged in then).
+            let n = ((len - start) / PAIR_SIZE as usize).min(out.len());
+            out[..n].fill(Pair::ZERO);
+            return Ok(n);
+        }
         self.scratch.clear();
         self.scratch.resize(len, 0);
         self.dev
             .read_at(&mut self.scratch, page_offset(page))
             .map_err(io_err("reading pair-table pages"))?;
-        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
         let n = ((len - start) / PAIR_SIZE as usize).min(out.len());
         decode_into(
             &self.scratch[start..start + n * PAIR_SIZE as usize],

@@ -181,6 +181,7 @@ impl Counters {
 pub struct Engine {
     core: Arc<Core>,
     committer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     replayed: Replayed,
 }
 
@@ -206,6 +207,9 @@ struct Core {
     log_turn: Condvar,
     /// One checkpoint at a time.
     checkpointing: Mutex<()>,
+    /// Wakes the checkpoint thread (a log half full).
+    ckpt: Mutex<rounds::CheckpointRequest>,
+    ckpt_cv: Condvar,
     /// Bumped on every pair change, so a read that raced a write or a flush
     /// can tell and look again instead of reporting a false mismatch.
     pair_changes: AtomicU64,
@@ -255,9 +259,20 @@ impl Engine {
         } else {
             None
         };
+        let checkpointer = if core.lock().meta.has_log() && !core.opts.readonly {
+            let c = core.clone();
+            let handle = std::thread::Builder::new()
+                .name("twinsum-checkpoint".into())
+                .spawn(move || c.run_checkpointer())
+                .map_err(EngineError::io("starting the checkpoint thread"))?;
+            Some(handle)
+        } else {
+            None
+        };
         Ok(Self {
             core,
             committer,
+            checkpointer,
             replayed,
         })
     }
@@ -368,6 +383,17 @@ impl Drop for Engine {
                 error!("the commit thread panicked");
             }
         }
+        self.core
+            .ckpt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stopping = true;
+        self.core.ckpt_cv.notify_all();
+        if let Some(h) = self.checkpointer.take() {
+            if h.join().is_err() {
+                error!("the checkpoint thread panicked");
+            }
+        }
     }
 }
 
@@ -435,6 +461,8 @@ impl Core {
             log_order: Mutex::new(rounds::LogOrder::default()),
             log_turn: Condvar::new(),
             checkpointing: Mutex::new(()),
+            ckpt: Mutex::new(rounds::CheckpointRequest::default()),
+            ckpt_cv: Condvar::new(),
             pair_changes: AtomicU64::new(0),
             counters: Counters::default(),
             data,

@@ -27,6 +27,13 @@ enum Commit {
     Checkpoint,
 }
 
+/// Requests to the checkpoint thread.
+#[derive(Debug, Default)]
+pub(super) struct CheckpointRequest {
+    pub requested: bool,
+    pub stopping: bool,
+}
+
 /// Log records are written in sequence order, one after another.
 #[derive(Debug, Default)]
 pub(super) struct LogOrder {
@@ -243,8 +250,9 @@ impl Core {
                     .log_usage()
                     .is_some_and(|(used, size)| used > size / 2);
                 if half_full {
-                    // Keep room: records wait for space only in a burst.
-                    self.checkpoint()?;
+                    // Keep room, without stalling this round: records wait
+                    // for space only in a burst.
+                    self.request_checkpoint();
                 }
                 Ok(())
             }
@@ -299,6 +307,37 @@ impl Core {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Ask the checkpoint thread for a checkpoint soon.
+    fn request_checkpoint(&self) {
+        let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
+        if !c.requested {
+            c.requested = true;
+            self.ckpt_cv.notify_one();
+        }
+    }
+
+    /// The checkpoint thread: one checkpoint per request, until stopped.
+    pub(super) fn run_checkpointer(&self) {
+        loop {
+            {
+                let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
+                while !c.requested && !c.stopping {
+                    c = self.ckpt_cv.wait(c).unwrap_or_else(PoisonError::into_inner);
+                }
+                if c.stopping {
+                    return;
+                }
+                c.requested = false;
+            }
+            if let Err(e) = self.checkpoint() {
+                log::error!(
+                    "metadata checkpoint failed: {}; rounds commit by checkpoint until one succeeds",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
     }
 
     /// Write every dirty table page, sync the metadata, and (with a log)
