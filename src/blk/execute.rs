@@ -470,8 +470,7 @@ mod tests {
 
     use super::*;
     use crate::blk::testutil::*;
-    use crate::io::volatile::MemDevice;
-    use crate::io::Device;
+    use crate::io::{Device, MemDevice};
 
     struct Fixture {
         data: Arc<MemDevice>,

@@ -6,13 +6,15 @@
 //! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
 
 mod file;
+mod mem;
 mod region;
 pub mod volatile;
 
 use std::io;
 
 pub use file::{FileDevice, OpenFlags};
-pub use region::{FileRegion, MappedFile, MemRegion, Region};
+pub use mem::{MemDevice, MemRegion};
+pub use region::{FileRegion, MappedFile, Region};
 
 /// A byte-addressed device with a volatile write cache.
 ///

@@ -51,79 +51,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{check_range, Device};
+use super::{check_range, Device, MemDevice};
 
 /// The unit a power cut keeps or drops atomically, unless a device is
 /// built [`with_atomic_unit`](VolatileDevice::with_atomic_unit).
 pub const SECTOR_SIZE: u64 = 512;
-
-/// A byte vector behind a lock: the simplest durable store.
-///
-/// `sync` is a no-op because every write is already "durable" here; wrap it
-/// in a [`VolatileDevice`] to get a cache that can lose writes.
-#[derive(Debug, Default)]
-pub struct MemDevice {
-    bytes: Mutex<Vec<u8>>,
-}
-
-impl MemDevice {
-    /// A device of `size` zero bytes.
-    pub fn new(size: u64) -> Self {
-        Self::from_vec(vec![0; size as usize])
-    }
-
-    /// A device holding exactly `bytes`.
-    pub fn from_vec(bytes: Vec<u8>) -> Self {
-        Self {
-            bytes: Mutex::new(bytes),
-        }
-    }
-
-    /// A copy of the whole content.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        // A panic while holding the lock leaves plain bytes behind, which
-        // are still a valid device image: ignore the poisoning.
-        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Device for MemDevice {
-    fn size(&self) -> u64 {
-        self.lock().len() as u64
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let bytes = self.lock();
-        check_range(bytes.len() as u64, offset, buf.len() as u64)?;
-        let start = offset as usize;
-        buf.copy_from_slice(&bytes[start..start + buf.len()]);
-        Ok(())
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut bytes = self.lock();
-        check_range(bytes.len() as u64, offset, buf.len() as u64)?;
-        let start = offset as usize;
-        bytes[start..start + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut bytes = self.lock();
-        check_range(bytes.len() as u64, offset, len)?;
-        let start = offset as usize;
-        bytes[start..start + len as usize].fill(0);
-        Ok(())
-    }
-}
 
 /// A power switch shared by several devices, to cut power mid-operation.
 ///
@@ -895,6 +827,7 @@ impl Device for VolatileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::MemDevice;
 
     const S: usize = SECTOR_SIZE as usize;
 

@@ -202,7 +202,7 @@ fn block_size(meta: &dyn crate::io::Device) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::integrity::{Engine, EngineOptions};
-    use crate::io::volatile::MemDevice;
+    use crate::io::MemDevice;
     use crate::meta::{meta_len, Metadata};
 
     const BS: u64 = 4096;
