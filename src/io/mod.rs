@@ -2,8 +2,10 @@
 //!
 //! Everything above this module sees a [`Device`]: positioned reads and
 //! writes, a durability barrier, and a way to make a range read as zeros.
-//! The same trait carries real files and block devices ([`FileDevice`]) and
-//! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
+//! The same trait carries real files and block devices ([`FileDevice`]),
+//! memory ([`MemDevice`]) and the simulated volatile-cache disk of
+//! `serve --volatile-cache` and the crash tests ([`volatile`]).
+//! [`Region`]s are the byte stores of the write-back stage.
 
 mod file;
 mod mem;
