@@ -58,7 +58,8 @@ use rand::{Rng, SeedableRng};
 
 use twinsum::integrity::hash::Checksum;
 use twinsum::integrity::{Engine, EngineError, EngineOptions, Op, StageConfig};
-use twinsum::io::volatile::{Fuse, FusedRegion, PowerCutReport, VolatileDevice, SECTOR_SIZE};
+use twinsum::io::volatile::testing::{FaultInjection, Fuse, FusedRegion};
+use twinsum::io::volatile::{PowerCutReport, VolatileDevice, SECTOR_SIZE};
 use twinsum::io::{Device, Region};
 use twinsum::key::Key;
 use twinsum::meta::{

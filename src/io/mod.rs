@@ -2,17 +2,21 @@
 //!
 //! Everything above this module sees a [`Device`]: positioned reads and
 //! writes, a durability barrier, and a way to make a range read as zeros.
-//! The same trait carries real files and block devices ([`FileDevice`]) and
-//! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
+//! The same trait carries real files and block devices ([`FileDevice`]),
+//! memory ([`MemDevice`]) and the simulated volatile-cache disk of
+//! `serve --volatile-cache` and the crash tests ([`volatile`]).
+//! [`Region`]s are the byte stores of the write-back stage.
 
 mod file;
+mod mem;
 mod region;
 pub mod volatile;
 
 use std::io;
 
 pub use file::{FileDevice, OpenFlags};
-pub use region::{FileRegion, MappedFile, MemRegion, Region};
+pub use mem::{MemDevice, MemRegion};
+pub use region::{FileRegion, MappedFile, Region};
 
 /// A byte-addressed device with a volatile write cache.
 ///

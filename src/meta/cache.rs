@@ -982,7 +982,7 @@ mod tests {
 
     /// An in-memory device that records writes and counts syncs.
     struct RecordingDevice {
-        inner: crate::io::volatile::MemDevice,
+        inner: crate::io::MemDevice,
         writes: Mutex<Vec<(u64, usize)>>,
         syncs: Mutex<usize>,
     }
@@ -990,7 +990,7 @@ mod tests {
     impl RecordingDevice {
         fn new(size: u64) -> Arc<Self> {
             Arc::new(Self {
-                inner: crate::io::volatile::MemDevice::new(size),
+                inner: crate::io::MemDevice::new(size),
                 writes: Mutex::new(Vec::new()),
                 syncs: Mutex::new(0),
             })

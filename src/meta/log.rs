@@ -320,7 +320,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::io::volatile::MemDevice;
+    use crate::io::MemDevice;
 
     const OFF: u64 = 4096;
     const SIZE: u64 = 16 << 10;
