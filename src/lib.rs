@@ -12,3 +12,4 @@ pub mod io;
 pub mod key;
 pub mod meta;
 pub mod stage;
+pub mod writelog;

@@ -17,6 +17,7 @@ use super::request::{
     Segments, ID_LEN,
 };
 use crate::integrity::{Engine, EngineError, Op};
+use crate::writelog::WriteLog;
 
 /// A batch is cut into engine submissions of about this many data bytes,
 /// so a full ring of large requests does not hold gigabytes of buffers.
@@ -76,6 +77,8 @@ pub struct Disk {
     log: RateLimit,
     /// Why the disk stopped answering, once it did ([`Disk::halt`]).
     halted: OnceLock<&'static str>,
+    /// `--log-writes`: completed guest writes, zeroings and flushes.
+    write_log: Option<Arc<WriteLog>>,
 }
 
 /// A finished request: the head to return and the bytes written to it.
@@ -141,7 +144,14 @@ impl Disk {
             serial: id,
             log: RateLimit::new(20, Duration::from_secs(5)),
             halted: OnceLock::new(),
+            write_log: None,
         }
+    }
+
+    /// Record what the guest is told completed in `log`.
+    pub fn with_log(mut self, log: Option<Arc<WriteLog>>) -> Self {
+        self.write_log = log;
+        self
     }
 
     /// Stop answering, for good: from now on every request fails with an
@@ -379,6 +389,8 @@ impl Disk {
             owners.push(None);
         }
         let n = ops.len();
+        // A FLUSH of this batch covers every guest write recorded before.
+        let began = self.write_log.as_ref().map(|l| l.position());
         let mut results = self.engine.submit(&mut ops).into_iter();
         drop(ops);
         let mut flush_failed = false;
@@ -409,6 +421,29 @@ impl Disk {
                         what: "flushing a write-through batch",
                         source: Arc::new(std::io::Error::other("flush failed")),
                     }));
+            }
+        }
+        if let (Some(log), Some(began)) = (&self.write_log, began) {
+            self.record(log, jobs, began);
+        }
+    }
+
+    /// Put the batch's successful writes, zeroings and flushes into the
+    /// write log, in the order the driver made them available, before
+    /// any of them is completed to the guest.
+    fn record(&self, log: &WriteLog, jobs: &[Job], began: u64) {
+        for job in jobs.iter().filter(|j| j.error.is_none()) {
+            match &job.work {
+                Work::Write { block, len, buf } => {
+                    log.guest_write(*block, &buf[..*len], self.limits.block_size as usize)
+                }
+                Work::Zero(ranges) => {
+                    for &(block, count) in ranges {
+                        log.guest_zero(block, count);
+                    }
+                }
+                Work::Flush => log.guest_flush(began),
+                _ => {}
             }
         }
     }

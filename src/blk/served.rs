@@ -84,12 +84,10 @@ impl Served {
     ) -> Result<Arc<Disk>, ServeError> {
         let engine = medium.open(opts)?;
         let limits = config::limits(engine.block_size(), engine.blocks());
-        Ok(Arc::new(Disk::new(
-            Arc::new(engine),
-            limits,
-            opts.readonly,
-            serial,
-        )))
+        Ok(Arc::new(
+            Disk::new(Arc::new(engine), limits, opts.readonly, serial)
+                .with_log(medium.write_log()),
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, Guarded> {

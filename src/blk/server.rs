@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub stage_bytes: u64,
     /// The key of a disk with keyed checksums.
     pub key: Option<Key>,
+    /// `--log-writes`: record every write, zeroing and flush here.
+    pub log_writes: Option<PathBuf>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -90,6 +92,8 @@ pub enum ServeError {
         #[source]
         source: EngineError,
     },
+    #[error("cannot use the write log")]
+    WriteLog(#[source] crate::writelog::WriteLogError),
     #[error("cannot set up signals")]
     Signals(#[source] io::Error),
     #[error("the simulated power cut failed")]

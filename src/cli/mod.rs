@@ -2,8 +2,10 @@
 //! runs; errors come back as `anyhow` chains printed once by `main`.
 
 mod check;
+mod crash_states;
 mod format;
 mod info;
+mod log_info;
 mod serve;
 mod stage;
 
@@ -32,6 +34,11 @@ enum Command {
     Check(check::CheckArgs),
     /// Print the metadata superblock.
     Info(info::InfoArgs),
+    /// What a write log (serve --log-writes) holds.
+    LogInfo(log_info::LogInfoArgs),
+    /// Write the crash states of a recorded run: images a power cut could
+    /// leave, with their metadata, and manifest.json.
+    CrashStates(crash_states::CrashStatesArgs),
 }
 
 /// Load `--key-file`, if given; its refusals (too short, too open) are
@@ -47,5 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Format(a) => format::run(a),
         Command::Check(a) => check::run(a),
         Command::Info(a) => info::run(a),
+        Command::LogInfo(a) => log_info::run(a),
+        Command::CrashStates(a) => crash_states::run(a),
     }
 }

@@ -81,6 +81,12 @@ pub struct ServeArgs {
     /// such a disk, refused for any other).
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Crash testing: record every write, zeroing and flush that reaches
+    /// the image and the metadata, in order, with data, and what the guest
+    /// was told completed, in LOG (appended to if it exists; see
+    /// `twinsum crash-states`).
+    #[arg(long, value_name = "LOG", conflicts_with = "volatile_cache")]
+    log_writes: Option<PathBuf>,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
@@ -159,6 +165,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 seed: a.power_cut_seed,
             }),
             key: super::load_key(a.key_file.as_ref())?,
+            log_writes: a.log_writes,
         })
     }
 }

@@ -15,6 +15,7 @@ use crate::integrity::{Engine, EngineError, EngineOptions, StageConfig};
 use crate::io::{FileRegion, MappedFile, Region};
 use crate::meta::DeviceRef;
 use crate::stage::{self, Stage};
+use crate::writelog::WriteLog;
 
 /// The image and metadata files, and where their stage lives.
 pub(in crate::blk) struct Files {
@@ -26,16 +27,24 @@ pub(in crate::blk) struct Files {
     stage: PathBuf,
     /// The size a stage is created with.
     stage_bytes: u64,
+    /// `--log-writes`: `data` and `meta` record into it.
+    log: Option<Arc<WriteLog>>,
 }
 
 impl Files {
-    pub(super) fn new(data: DeviceRef, meta: DeviceRef, cfg: &ServeConfig) -> Self {
+    pub(super) fn new(
+        data: DeviceRef,
+        meta: DeviceRef,
+        cfg: &ServeConfig,
+        log: Option<Arc<WriteLog>>,
+    ) -> Self {
         Self {
             data,
             meta,
             readonly: cfg.readonly,
             stage: cfg.stage.clone(),
             stage_bytes: cfg.stage_bytes,
+            log,
         }
     }
 
@@ -108,6 +117,9 @@ impl Medium for Files {
 
     /// Remove the stage file once an orderly stop emptied it.
     fn stopped(&self, disk: &Disk, emptied: bool) {
+        if let Some(log) = &self.log {
+            log.stop();
+        }
         if self.readonly {
             return;
         }
@@ -126,6 +138,10 @@ impl Medium for Files {
                 disk.engine().stats().queued
             );
         }
+    }
+
+    fn write_log(&self) -> Option<Arc<WriteLog>> {
+        self.log.clone()
     }
 }
 

@@ -23,6 +23,7 @@ use crate::integrity::{Engine, EngineOptions};
 use crate::io::volatile::CutSummary;
 use crate::io::{FileDevice, OpenFlags};
 use crate::meta::DeviceRef;
+use crate::writelog::{Dev, WriteLog};
 
 /// Where the engines of the served disk come from (see the module
 /// documentation). The defaults are a medium that never loses power.
@@ -55,6 +56,11 @@ pub(super) trait Medium: Send {
     fn stopped(&self, disk: &Disk, emptied: bool) {
         let _ = (disk, emptied);
     }
+
+    /// The write log recording this medium's devices (`--log-writes`).
+    fn write_log(&self) -> Option<Arc<WriteLog>> {
+        None
+    }
 }
 
 /// The medium `cfg` asks for.
@@ -65,8 +71,18 @@ pub(super) fn open(cfg: &ServeConfig) -> Result<Box<dyn Medium>, ServeError> {
     };
     let data: DeviceRef = Arc::new(FileDevice::open(&cfg.data, flags).map_err(ServeError::Open)?);
     let meta: DeviceRef = Arc::new(FileDevice::open(&cfg.meta, flags).map_err(ServeError::Open)?);
+    // Recording wraps the files themselves: the log holds what reached
+    // them, whichever path (stage replay, commit, write-back) it took.
+    let log = match &cfg.log_writes {
+        Some(path) => Some(WriteLog::open(path, &meta).map_err(ServeError::WriteLog)?),
+        None => None,
+    };
+    let (data, meta) = match &log {
+        Some(l) => (l.recording(Dev::Data, data), l.recording(Dev::Meta, meta)),
+        None => (data, meta),
+    };
     Ok(match &cfg.volatile_cache {
-        None => Box::new(Files::new(data, meta, cfg)),
+        None => Box::new(Files::new(data, meta, cfg, log)),
         Some(v) => Box::new(Volatile::new(data, meta, v)?),
     })
 }
