@@ -435,11 +435,11 @@ impl Disk {
         for job in jobs.iter().filter(|j| j.error.is_none()) {
             match &job.work {
                 Work::Write { block, len, buf } => {
-                    log.guest_write(*block, &buf[..*len], self.limits.block_size as usize)
+                    log.guest_write(*block, &buf[..*len], self.limits.block_size as usize, began)
                 }
                 Work::Zero(ranges) => {
                     for &(block, count) in ranges {
-                        log.guest_zero(block, count);
+                        log.guest_zero(block, count, began);
                     }
                 }
                 Work::Flush => log.guest_flush(began),

@@ -26,10 +26,14 @@
 //! | 4 durable write | data/meta | offset, then the bytes (`write_durable`: durable when it returned) |
 //! | 5 zero | data/meta | offset, length |
 //! | 6 sync | data/meta | `covers`: every write of that device whose seq is below it is durable |
-//! | 7 guest write | - | first block, then one xxh3 per block of the guest's data |
-//! | 8 guest zero | - | first block, block count (discard and write-zeroes: reads as zeros) |
+//! | 7 guest write | - | first block, `began`, then one xxh3 per block of the guest's data |
+//! | 8 guest zero | - | first block, block count, `began` (discard and write-zeroes: reads as zeros) |
 //! | 9 guest flush | - | `covers`: every guest write and zero whose seq is below it is durable |
 //! | 10 mark | - | the mark's name (UTF-8) |
+//!
+//! `began` is the log position when the guest request was handed to the
+//! engine: two requests whose spans overlap were in flight together, and
+//! either may have reached the disk last.
 //!
 //! A record is written whole by one syscall after what it records
 //! returned; a walk stops at the first record that does not verify (a
@@ -192,11 +196,13 @@ pub enum Record {
     },
     GuestWrite {
         block: u64,
+        began: u64,
         hashes: Vec<u64>,
     },
     GuestZero {
         block: u64,
         count: u64,
+        began: u64,
     },
     GuestFlush {
         covers: u64,
@@ -374,13 +380,15 @@ fn decode_payload(kind: u8, dev: u8, p: &[u8], data_pos: u64) -> Option<Record> 
             dev: dev?,
             covers: word(0)?,
         },
-        kind::GUEST_WRITE if p.len() >= 16 && p.len() % 8 == 0 => Record::GuestWrite {
+        kind::GUEST_WRITE if p.len() >= 24 && p.len() % 8 == 0 => Record::GuestWrite {
             block: word(0)?,
-            hashes: p[8..].chunks_exact(8).map(|c| u64_at(c, 0)).collect(),
+            began: word(1)?,
+            hashes: p[16..].chunks_exact(8).map(|c| u64_at(c, 0)).collect(),
         },
-        kind::GUEST_ZERO if p.len() == 16 => Record::GuestZero {
+        kind::GUEST_ZERO if p.len() == 24 => Record::GuestZero {
             block: word(0)?,
             count: word(1)?,
+            began: word(2)?,
         },
         kind::GUEST_FLUSH if p.len() == 8 => Record::GuestFlush { covers: word(0)? },
         kind::MARK if p.len() <= MAX_MARK => Record::Mark {

@@ -383,17 +383,27 @@ pub fn apply(log: &LogFile, plan: &Plan, data: &dyn Device, meta: &dyn Device) -
     Ok(())
 }
 
-/// What the guest was promised at a cut, block by block: the content (as
-/// xxh3 of the block) the last covered write left, and any content a later
-/// write may have left instead.
+/// What the guest was promised at a cut, block by block. A guest write
+/// or zeroing is *covered* when a FLUSH completed by the cut began after
+/// it was recorded. A block's last covered request `w` promises its
+/// content — or that of any request to the block that completed after `w`
+/// began: one in flight together with `w` (whose order against `w` the
+/// guest cannot know), or a later one, covered or not.
 #[derive(Debug, Default)]
 pub struct GuestCheck {
-    blocks: HashMap<u64, (Option<u64>, Vec<u64>)>,
+    /// Per block: the hashes it may hold.
+    blocks: HashMap<u64, Vec<u64>>,
+}
+
+/// A guest request to one block: completed at `seq`, began at `began`.
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    seq: u64,
+    began: u64,
+    hash: u64,
 }
 
 impl GuestCheck {
-    /// The promises at `cut`: a guest write or zeroing is covered when a
-    /// FLUSH completed by the cut began after it was recorded.
     pub fn at(log: &LogFile, cut: &Cut) -> Self {
         let upto = log.entries.partition_point(|e| e.seq <= cut.cut);
         let covers = log.entries[..upto]
@@ -405,49 +415,62 @@ impl GuestCheck {
             .max()
             .unwrap_or(0);
         let zero = xxh3_64(&vec![0u8; log.header.block_size as usize]);
-        let mut g = Self::default();
-        // Later writes anywhere in the log count: in synchronous mode (or
+        let mut reqs: HashMap<u64, Vec<Req>> = HashMap::new();
+        // Requests anywhere in the log count: in synchronous mode (or
         // write-through) the data reaches the device before the guest is
         // told, so the device may hold a write recorded after the cut.
         for e in &log.entries {
-            let covered = e.seq < covers;
+            let span = |began, hash| Req {
+                seq: e.seq,
+                began,
+                hash,
+            };
             match &e.record {
-                Record::GuestWrite { block, hashes } => {
+                Record::GuestWrite {
+                    block,
+                    began,
+                    hashes,
+                } => {
                     for (k, h) in hashes.iter().enumerate() {
-                        g.note(block + k as u64, *h, covered);
+                        reqs.entry(block + k as u64).or_default().push(span(*began, *h));
                     }
                 }
-                Record::GuestZero { block, count } => {
+                Record::GuestZero {
+                    block,
+                    count,
+                    began,
+                } => {
+                    let range = *block..block.saturating_add(*count);
                     if *count <= MAX_TRACKED_ZERO {
-                        for b in *block..block + count {
-                            g.note(b, zero, covered);
+                        for b in range {
+                            reqs.entry(b).or_default().push(span(*began, zero));
                         }
                     } else {
-                        let tracked: Vec<u64> = g
-                            .blocks
-                            .keys()
-                            .copied()
-                            .filter(|b| (*block..block + count).contains(b))
-                            .collect();
-                        for b in tracked {
-                            g.note(b, zero, covered);
+                        for (_, r) in reqs.iter_mut().filter(|(b, _)| range.contains(b)) {
+                            r.push(span(*began, zero));
                         }
                     }
                 }
                 _ => {}
             }
         }
-        g.blocks.retain(|_, (c, _)| c.is_some());
-        g
-    }
-
-    fn note(&mut self, block: u64, hash: u64, covered: bool) {
-        let slot = self.blocks.entry(block).or_default();
-        if covered {
-            *slot = (Some(hash), Vec::new());
-        } else if !slot.1.contains(&hash) {
-            slot.1.push(hash);
-        }
+        let blocks = reqs
+            .into_iter()
+            .filter_map(|(b, r)| {
+                let last = r.iter().filter(|q| q.seq < covers).last()?;
+                let mut ok: Vec<u64> = r
+                    .iter()
+                    // `began` is the number the next record was to get: a
+                    // record numbered that or later came after.
+                    .filter(|q| q.seq >= last.began)
+                    .map(|q| q.hash)
+                    .collect();
+                ok.sort_unstable();
+                ok.dedup();
+                Some((b, ok))
+            })
+            .collect();
+        Self { blocks }
     }
 
     /// Blocks with a promise.
@@ -464,10 +487,9 @@ impl GuestCheck {
         let bs = u64::from(block_size);
         let mut buf = vec![0u8; block_size as usize];
         let mut bad = Vec::new();
-        for (&b, (covered, later)) in &self.blocks {
+        for (&b, ok) in &self.blocks {
             data.read_at(&mut buf, b * bs)?;
-            let h = xxh3_64(&buf);
-            if Some(h) != *covered && !later.contains(&h) {
+            if ok.binary_search(&xxh3_64(&buf)).is_err() {
                 bad.push(b);
             }
         }

@@ -219,20 +219,22 @@ impl WriteLog {
     }
 
     /// A guest write of `data` at `block` completed (`block_size` bytes
-    /// per block): one hash per block, the data itself is in the device
-    /// records.
-    pub fn guest_write(&self, block: u64, data: &[u8], block_size: usize) {
-        let mut p = Vec::with_capacity(8 + 8 * data.len() / block_size.max(1));
+    /// per block); it was handed to the engine at log position `began`.
+    /// One hash per block: the data itself is in the device records.
+    pub fn guest_write(&self, block: u64, data: &[u8], block_size: usize, began: u64) {
+        let mut p = Vec::with_capacity(16 + 8 * data.len() / block_size.max(1));
         p.extend_from_slice(&block.to_le_bytes());
+        p.extend_from_slice(&began.to_le_bytes());
         for b in data.chunks(block_size.max(1)) {
             p.extend_from_slice(&xxh3_64(b).to_le_bytes());
         }
         let _ = self.append(kind::GUEST_WRITE, None, &p, &[]);
     }
 
-    /// A guest discard or write-zeroes of `count` blocks at `block` completed.
-    pub fn guest_zero(&self, block: u64, count: u64) {
-        let _ = self.append(kind::GUEST_ZERO, None, &words(&[block, count]), &[]);
+    /// A guest discard or write-zeroes of `count` blocks at `block`,
+    /// handed to the engine at `began`, completed.
+    pub fn guest_zero(&self, block: u64, count: u64, began: u64) {
+        let _ = self.append(kind::GUEST_ZERO, None, &words(&[block, count, began]), &[]);
     }
 
     /// A guest FLUSH completed; it began at log position `began`, so it
