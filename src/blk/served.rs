@@ -85,8 +85,7 @@ impl Served {
         let engine = medium.open(opts)?;
         let limits = config::limits(engine.block_size(), engine.blocks());
         Ok(Arc::new(
-            Disk::new(Arc::new(engine), limits, opts.readonly, serial)
-                .with_log(medium.write_log()),
+            Disk::new(Arc::new(engine), limits, opts.readonly, serial).with_log(medium.write_log()),
         ))
     }
 

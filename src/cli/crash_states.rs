@@ -78,7 +78,11 @@ pub fn run(args: CrashStatesArgs) -> anyhow::Result<ExitCode> {
         seed,
     };
     let manifest = states::generate(&opts).with_context(|| {
-        format!("crash states of {} into {}", opts.log.display(), opts.out.display())
+        format!(
+            "crash states of {} into {}",
+            opts.log.display(),
+            opts.out.display()
+        )
     })?;
     let bad: Vec<_> = manifest.states.iter().filter(|s| !s.ok()).collect();
     let mut out = io::stdout().lock();

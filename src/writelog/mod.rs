@@ -42,7 +42,9 @@ pub enum WriteLogError {
     Version(u32),
     #[error("the write log header is damaged")]
     BadHeader,
-    #[error("the write log was started on another disk: its {what} is {log}, this disk's is {disk}")]
+    #[error(
+        "the write log was started on another disk: its {what} is {log}, this disk's is {disk}"
+    )]
     OtherDisk {
         what: &'static str,
         log: u64,

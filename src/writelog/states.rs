@@ -432,7 +432,9 @@ impl GuestCheck {
                     hashes,
                 } => {
                     for (k, h) in hashes.iter().enumerate() {
-                        reqs.entry(block + k as u64).or_default().push(span(*began, *h));
+                        reqs.entry(block + k as u64)
+                            .or_default()
+                            .push(span(*began, *h));
                     }
                 }
                 Record::GuestZero {
@@ -508,16 +510,22 @@ pub struct Verified {
 
 /// Verify every block of `data` against the pairs in `meta`, as `twinsum
 /// check` does (holes with zero pairs are skipped unread).
-pub fn verify(data: &dyn Device, meta: Arc<dyn Device>, key: Option<&Key>) -> Result<Verified, MetaError> {
+pub fn verify(
+    data: &dyn Device,
+    meta: Arc<dyn Device>,
+    key: Option<&Key>,
+) -> Result<Verified, MetaError> {
     const CHUNK: u64 = 256;
     let mut m = Metadata::open_with(meta, 64, key)?;
     m.check_image(data.size())?;
     let sb = m.superblock().clone();
     let sum = Checksum::of(&sb, key)?;
     let bs = u64::from(sb.block_size);
-    let io = |what| move |e| MetaError::Io {
-        what,
-        source: Arc::new(e),
+    let io = |what| {
+        move |e| MetaError::Io {
+            what,
+            source: Arc::new(e),
+        }
     };
     let mut out = Verified::default();
     let mut buf = vec![0u8; (CHUNK * bs) as usize];
@@ -539,7 +547,8 @@ pub fn verify(data: &dyn Device, meta: Arc<dyn Device>, key: Option<&Key>) -> Re
         }
         let n = CHUNK.min(sb.blocks - b);
         let chunk = &mut buf[..(n * bs) as usize];
-        data.read_at(chunk, b * bs).map_err(io("reading the image"))?;
+        data.read_at(chunk, b * bs)
+            .map_err(io("reading the image"))?;
         m.get_range(b, &mut pairs[..n as usize])?;
         for (k, (content, p)) in chunk.chunks_exact(bs as usize).zip(&pairs).enumerate() {
             if sum.verify(b + k as u64, content, p.new, p.old) == Verdict::Neither {
@@ -706,7 +715,10 @@ pub fn generate(opts: &Options) -> Result<Manifest, StatesError> {
     check_base(&log, opts)?;
     fs::create_dir_all(&opts.out).map_err(io_at("cannot create", &opts.out))?;
     let mut states = Vec::new();
-    for (i, cut) in cuts(&log, opts.at, opts.count, opts.seed).iter().enumerate() {
+    for (i, cut) in cuts(&log, opts.at, opts.count, opts.seed)
+        .iter()
+        .enumerate()
+    {
         let (img_name, meta_name) = (format!("{:04}.img", i + 1), format!("{:04}.meta", i + 1));
         let (img, meta) = (opts.out.join(&img_name), opts.out.join(&meta_name));
         let plan = plan(&log, cut);
@@ -722,12 +734,11 @@ pub fn generate(opts: &Options) -> Result<Manifest, StatesError> {
         let broken = promise
             .broken(&data_dev, log.header.block_size)
             .map_err(io_at("cannot read", &img))?;
-        let v = verify(&data_dev, meta_dev, opts.key.as_ref()).map_err(|source| {
-            StatesError::Meta {
+        let v =
+            verify(&data_dev, meta_dev, opts.key.as_ref()).map_err(|source| StatesError::Meta {
                 path: meta.clone(),
                 source,
-            }
-        })?;
+            })?;
         let t = plan.total();
         states.push(StateReport {
             image: img_name,
@@ -761,7 +772,9 @@ pub fn generate(opts: &Options) -> Result<Manifest, StatesError> {
         states,
     };
     let path = opts.out.join("manifest.json");
-    let mut text = serde_json::to_string_pretty(&manifest).map_err(io::Error::other).map_err(io_at("cannot write", &path))?;
+    let mut text = serde_json::to_string_pretty(&manifest)
+        .map_err(io::Error::other)
+        .map_err(io_at("cannot write", &path))?;
     text.push('\n');
     fs::write(&path, text).map_err(io_at("cannot write", &path))?;
     Ok(manifest)
@@ -778,9 +791,8 @@ fn check_base(log: &LogFile, opts: &Options) -> Result<(), StatesError> {
             want: h.data_size,
         });
     }
-    let meta: Arc<dyn Device> = Arc::new(
-        open_readonly(&opts.base_meta).map_err(io_at("cannot open", &opts.base_meta))?,
-    );
+    let meta: Arc<dyn Device> =
+        Arc::new(open_readonly(&opts.base_meta).map_err(io_at("cannot open", &opts.base_meta))?);
     let have = super::digest(&*meta).map_err(io_at("cannot read", &opts.base_meta))?;
     if have != h.meta_digest {
         return Err(StatesError::BaseMeta {
@@ -812,7 +824,8 @@ fn build(
     meta: &Path,
 ) -> Result<(FileDevice, Arc<dyn Device>), StatesError> {
     let d = sparse_copy(&opts.base, img).map_err(io_at("cannot copy the base to", img))?;
-    let m = sparse_copy(&opts.base_meta, meta).map_err(io_at("cannot copy the base metadata to", meta))?;
+    let m = sparse_copy(&opts.base_meta, meta)
+        .map_err(io_at("cannot copy the base metadata to", meta))?;
     apply(log, plan, &d, &m).map_err(io_at("cannot build", img))?;
     Ok((d, Arc::new(m)))
 }

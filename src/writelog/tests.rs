@@ -76,7 +76,6 @@ impl Disk {
     }
 }
 
-
 /// Serve one recorded session: `threads` writers doing writes, zeroes,
 /// flushes and marks, with the guest records `blk::execute` makes, and a
 /// write-back thread. The engine is small-cached so that metadata pages
@@ -286,13 +285,7 @@ fn a_state_that_drops_a_flushed_write_is_caught() {
         .enumerate()
         .filter(|(_, (i, f))| {
             *f == Fate::Durable
-                && matches!(
-                    log.entries[*i].record,
-                    Record::Write {
-                        dev: Dev::Data,
-                        ..
-                    }
-                )
+                && matches!(log.entries[*i].record, Record::Write { dev: Dev::Data, .. })
         })
         .last()
         .unwrap();
@@ -303,7 +296,10 @@ fn a_state_that_drops_a_flushed_write_is_caught() {
     };
     let first = offset / 4096;
     assert!(
-        !broken.is_empty() && broken.iter().all(|b| (first..first + len / 4096).contains(b)),
+        !broken.is_empty()
+            && broken
+                .iter()
+                .all(|b| (first..first + len / 4096).contains(b)),
         "the dropped write's blocks break their promise: {broken:?}"
     );
 }
@@ -327,7 +323,10 @@ fn log_info_counts_what_was_recorded() {
     let f = LogFile::open(&d.path("run.log")).unwrap();
     let s = f.summary();
     assert_eq!(s.entries, 9);
-    assert_eq!((s.writes, s.write_blocks, s.zeroes, s.flushes), (1, 2, 1, 1));
+    assert_eq!(
+        (s.writes, s.write_blocks, s.zeroes, s.flushes),
+        (1, 2, 1, 1)
+    );
     assert_eq!(
         s.marks,
         vec![format::MarkAt {
@@ -335,7 +334,15 @@ fn log_info_counts_what_was_recorded() {
             position: 5
         }]
     );
-    assert_eq!((s.data.writes, s.data.write_bytes, s.data.syncs, s.data.zeroes), (1, 1024, 1, 1));
+    assert_eq!(
+        (
+            s.data.writes,
+            s.data.write_bytes,
+            s.data.syncs,
+            s.data.zeroes
+        ),
+        (1, 1024, 1, 1)
+    );
     assert_eq!(s.meta, format::DeviceSummary::default());
     let mut buf = Vec::new();
     let Record::Write { data_pos, len, .. } = f.entries[1].record else {
@@ -351,4 +358,3 @@ fn log_info_counts_what_was_recorded() {
     assert_eq!(f.entries.len(), 1);
     assert!(f.torn_bytes > 1024);
 }
-

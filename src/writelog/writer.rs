@@ -84,7 +84,8 @@ impl WriteLog {
                 meta_size: meta.size(),
                 salt: sb.salt,
                 generation: sb.generation,
-                meta_digest: digest(&**meta).map_err(WriteLogError::io("hashing META for", path))?,
+                meta_digest: digest(&**meta)
+                    .map_err(WriteLogError::io("hashing META for", path))?,
                 created_ms: unix_ms(),
             };
             file.write_all_at(&header.encode(), 0)
@@ -97,11 +98,19 @@ impl WriteLog {
             let old = LogFile::from_file(f, path)?;
             let h = &old.header;
             for (what, log, disk) in [
-                ("block size", u64::from(h.block_size), u64::from(sb.block_size)),
+                (
+                    "block size",
+                    u64::from(h.block_size),
+                    u64::from(sb.block_size),
+                ),
                 ("size", h.data_size, sb.data_size),
                 ("metadata size", h.meta_size, meta.size()),
                 ("salt", h.salt, sb.salt),
-                ("checksum algorithm", u64::from(h.hash_id), u64::from(sb.hash_id)),
+                (
+                    "checksum algorithm",
+                    u64::from(h.hash_id),
+                    u64::from(sb.hash_id),
+                ),
             ] {
                 if log != disk {
                     return Err(WriteLogError::OtherDisk { what, log, disk });
@@ -168,7 +177,9 @@ impl WriteLog {
     ) -> Result<u64, WriteLogError> {
         let total = fixed.len() + data.len();
         let Ok(len) = u32::try_from(total) else {
-            return self.fail(io::Error::other(format!("a {total}-byte record is too large")));
+            return self.fail(io::Error::other(format!(
+                "a {total}-byte record is too large"
+            )));
         };
         // The payload's hash needs no lock.
         let payload_hash = if data.is_empty() {

@@ -173,6 +173,9 @@ impl BackendKind {
     }
 }
 
+/// What a test does to a formatted IMG and META before twinsum serves them.
+pub type BeforeServe = Box<dyn FnOnce(&Path, &Path) -> Result<(), String>>;
+
 /// A backend process serving a fresh, formatted disk on a socket in its own
 /// temporary directory.
 pub struct Backend {
@@ -218,9 +221,15 @@ fn spawn_backend(
 }
 
 impl Backend {
-    /// Format a fresh disk (twinsum: with `block_size` bytes per block)
-    /// and serve it; `serve_args` are added to `twinsum serve`.
-    fn start(kind: BackendKind, block_size: u32, serve_args: &[&str]) -> Result<Self, String> {
+    /// Format a fresh disk (twinsum: with `block_size` bytes per block),
+    /// run `before_serve` on IMG and META, and serve it; `serve_args` are
+    /// added to `twinsum serve`.
+    fn start(
+        kind: BackendKind,
+        block_size: u32,
+        serve_args: &[&str],
+        before_serve: BeforeServe,
+    ) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("twinsum-guest-")
             .tempdir()
@@ -265,6 +274,7 @@ impl Backend {
                 .map(|a| a.to_string())
                 .collect();
                 args.extend(serve_args.iter().map(|a| a.to_string()));
+                before_serve(&img, &meta)?;
                 (env!("CARGO_BIN_EXE_twinsum").to_owned(), args)
             }
             BackendKind::StorageDaemon => {
@@ -595,6 +605,17 @@ impl Session {
     /// `start_with_block_size`, with `serve_args` added to `twinsum serve`
     /// (ignored for qemu-storage-daemon).
     pub fn start_with(name: &str, block_size: u32, serve_args: &[&str]) -> Option<Self> {
+        Self::start_prepared(name, block_size, serve_args, Box::new(|_, _| Ok(())))
+    }
+
+    /// `start_with`, running `before_serve` on the formatted IMG and META
+    /// before twinsum serves them (twinsum only).
+    pub fn start_prepared(
+        name: &str,
+        block_size: u32,
+        serve_args: &[&str],
+        before_serve: BeforeServe,
+    ) -> Option<Self> {
         if find_in_path(QEMU).is_none() {
             eprintln!(
                 "SKIPPED guest test {name}: {QEMU} is not installed \
@@ -603,7 +624,7 @@ impl Session {
             return None;
         }
         let kind = BackendKind::from_env();
-        let backend = Backend::start(kind, block_size, serve_args)
+        let backend = Backend::start(kind, block_size, serve_args, before_serve)
             .unwrap_or_else(|e| panic!("guest test {name}: backend failed to start: {e}"));
         if kind != BackendKind::Twinsum {
             eprintln!(
