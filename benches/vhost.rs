@@ -12,7 +12,10 @@
 //! I/O for both, and the twinsum/qsd ratio against the goals of issue 11.
 //! A third server, twinsum on a disk formatted with `--key-file`, runs the
 //! one-queue read workloads, to show what keyed checksums (BLAKE3) cost
-//! against xxh3.
+//! against xxh3. A fourth, twinsum with `--log-writes` (issue 14), runs
+//! the one-queue 4 KiB write workloads, to show what recording every write
+//! costs (the 128 KiB sequential write is left out: its log alone would
+//! take tens of GB).
 //!
 //! Every block read is checked (header: right block, known content), and
 //! after the write workload a sample is read back and compared in full, so
@@ -22,8 +25,9 @@
 //! - `TWINSUM_BENCH_SECS` (10): seconds per measured run.
 //! - `TWINSUM_BENCH_ROUNDS` (1): repeat everything; the median is shown.
 //! - `TWINSUM_BENCH_SIZE_MIB` (2048): image size.
-//! - `TWINSUM_BENCH_ONLY` (`twinsum`, `twinsum-keyed` or `qsd`): measure
-//!   one server (`twinsum` includes the keyed one).
+//! - `TWINSUM_BENCH_ONLY` (`twinsum`, `twinsum-keyed`, `twinsum-logged`
+//!   or `qsd`): measure one server (`twinsum` includes the keyed and the
+//!   logged one).
 //! - `TWINSUM_BENCH_WORKLOADS` (all): comma-separated parts of workload
 //!   names to run, e.g. `randwrite` when profiling one of them.
 //! - `TWINSUM_BENCH_SCALE` (`1G,64G,1T`): disk sizes of the scale curve
@@ -58,6 +62,8 @@ use support::server::{self, Server};
 const SEED: u64 = 0x7477_696e_7375_6d31;
 /// The side serving a disk with keyed checksums.
 const KEYED: &str = "twinsum-keyed";
+/// The side serving with `--log-writes`.
+const LOGGED: &str = "twinsum-logged";
 /// Blocks read back in full after the write workload.
 const VERIFY_SAMPLES: u64 = 8192;
 
@@ -413,8 +419,11 @@ fn run() -> Result<bool> {
     let mut tw = Side::new("twinsum", dir.path.join("twinsum.img"));
     let mut qsd = Side::new("qsd", dir.path.join("qsd.img"));
     let mut keyed = Side::new(KEYED, dir.path.join("keyed.img"));
+    let mut logged = Side::new(LOGGED, dir.path.join("logged.img"));
     let meta = dir.path.join("twinsum.meta");
     let keyed_meta = dir.path.join("keyed.meta");
+    let logged_meta = dir.path.join("logged.meta");
+    let write_log = dir.path.join("logged.log");
     let key = dir.path.join("key");
     for side in [&mut tw, &mut qsd] {
         if !cfg.wants(side.name) {
@@ -425,10 +434,14 @@ fn run() -> Result<bool> {
     if (!cfg.wants(KEYED) && !cfg.wants("twinsum")) || !keyed_runs {
         keyed.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
     }
+    let logged_runs = WORKLOADS.iter().any(|w| cfg.runs(w) && logged_workload(w));
+    if (!cfg.wants(LOGGED) && !cfg.wants("twinsum")) || !logged_runs {
+        logged.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
+    }
 
     // Images: identical copies, made durable, then each read once so every
     // server starts with its whole image in the page cache.
-    for side in [&mut tw, &mut qsd, &mut keyed] {
+    for side in [&mut tw, &mut qsd, &mut keyed, &mut logged] {
         if side.unavailable.is_none() {
             image::copy_image(&base, &side.img)?;
         }
@@ -445,19 +458,35 @@ fn run() -> Result<bool> {
             keyed.fail(format!("{e:#}"));
         }
     }
-    for side in [&tw, &qsd, &keyed] {
+    if logged.unavailable.is_none() {
+        if let Err(e) = format_twinsum(&cfg, &logged.img, &logged_meta, None) {
+            logged.fail(format!("{e:#}"));
+        }
+    }
+    for side in [&tw, &qsd, &keyed, &logged] {
         if side.unavailable.is_none() {
             image::warm(&side.img)?;
         }
     }
 
     if tw.unavailable.is_none() {
-        let cmd = serve_twinsum(&cfg, &dir.path, &tw, &meta, None);
+        let cmd = serve_twinsum(&cfg, &dir.path, &tw, &meta, None, None);
         start(&cfg, &mut tw, cmd, &dir.path);
     }
     if keyed.unavailable.is_none() {
-        let cmd = serve_twinsum(&cfg, &dir.path, &keyed, &keyed_meta, Some(&key));
+        let cmd = serve_twinsum(&cfg, &dir.path, &keyed, &keyed_meta, Some(&key), None);
         start(&cfg, &mut keyed, cmd, &dir.path);
+    }
+    if logged.unavailable.is_none() {
+        let cmd = serve_twinsum(
+            &cfg,
+            &dir.path,
+            &logged,
+            &logged_meta,
+            None,
+            Some(&write_log),
+        );
+        start(&cfg, &mut logged, cmd, &dir.path);
     }
     if qsd.unavailable.is_none() {
         let cmd = qsd_command(&cfg, &qsd.img, &dir.path);
@@ -484,14 +513,14 @@ fn run() -> Result<bool> {
         "machine: {} CPUs, load average {} at start{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         server::loadavg(),
-        for_pids(&[&tw, &qsd, &keyed])
+        for_pids(&[&tw, &qsd, &keyed, &logged])
     );
 
     // Untimed warm-up on the live connection: first-touch costs (page
     // faults on the shared buffers, server-side caches) stay out of the
     // first measured run.
     let warmup = Duration::from_secs_f64(cfg.secs.min(1.0));
-    for side in [&mut tw, &mut qsd, &mut keyed] {
+    for side in [&mut tw, &mut qsd, &mut keyed, &mut logged] {
         side.connect(WORKLOADS[0].queues);
         if side.ready() {
             if let Err(e) = side.measure(&WORKLOADS[0], warmup) {
@@ -509,11 +538,15 @@ fn run() -> Result<bool> {
             }
             // Alternate which server goes first, so a slow drift in machine
             // load (a neighbour starting a build) is not charged to one side.
-            let mut sides: [&mut Side; 3] = [&mut tw, &mut qsd, &mut keyed];
-            sides.rotate_left((round + k) % 3);
+            let mut sides: [&mut Side; 4] = [&mut tw, &mut qsd, &mut keyed, &mut logged];
+            sides.rotate_left((round + k) % 4);
             for side in sides {
                 // The keyed disk is there for the cost of verifying reads.
                 if side.name == KEYED && !keyed_workload(&WORKLOADS[w]) {
+                    continue;
+                }
+                // The logged disk, for the cost of recording writes.
+                if side.name == LOGGED && !logged_workload(&WORKLOADS[w]) {
                     continue;
                 }
                 side.connect(WORKLOADS[w].queues);
@@ -533,7 +566,7 @@ fn run() -> Result<bool> {
 
     // Read-back after a flush: the written blocks must hold what was
     // written, the others the base image.
-    for side in [&mut tw, &mut qsd, &mut keyed] {
+    for side in [&mut tw, &mut qsd, &mut keyed, &mut logged] {
         if !side.ready() {
             continue;
         }
@@ -559,7 +592,7 @@ fn run() -> Result<bool> {
     // Orderly stop; twinsum then gets an offline check of data against
     // metadata, which catches a server that answered reads right but left
     // its checksums behind.
-    for side in [&mut tw, &mut qsd, &mut keyed] {
+    for side in [&mut tw, &mut qsd, &mut keyed, &mut logged] {
         side.client = None;
         if let Some(mut s) = side.server.take() {
             match s.stop(Duration::from_secs(30)) {
@@ -586,11 +619,18 @@ fn run() -> Result<bool> {
     if tw.unavailable.is_none() && wrote {
         data_ok &= check_twinsum(&cfg, &tw.img, &meta);
     }
+    if logged.unavailable.is_none() && !logged.runs.iter().all(Vec::is_empty) {
+        data_ok &= check_twinsum(&cfg, &logged.img, &logged_meta);
+        if let Ok(m) = fs::metadata(&write_log) {
+            println!("write log of {LOGGED}: {} MiB", m.len() >> 20);
+        }
+    }
 
     let goals_met = print_table(&tw, &qsd);
     print_keyed_table(&tw, &keyed);
+    print_logged_table(&tw, &logged);
     let mut ok = data_ok;
-    for side in [&tw, &qsd, &keyed] {
+    for side in [&tw, &qsd, &keyed, &logged] {
         match &side.unavailable {
             // Asked for: measuring one side alone is not a failure.
             Some(why) if why.contains("TWINSUM_BENCH_ONLY") => {
@@ -702,7 +742,7 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
         if tw.unavailable.is_none() {
             match format_twinsum(cfg, &tw.img, &meta, None) {
                 Ok(()) => {
-                    let cmd = serve_twinsum(cfg, &dir.path, &tw, &meta, None);
+                    let cmd = serve_twinsum(cfg, &dir.path, &tw, &meta, None, None);
                     start_sized(&mut tw, cmd, &dir.path, size);
                 }
                 Err(e) => tw.fail(format!("{e:#}")),
@@ -910,13 +950,20 @@ fn keyed_workload(w: &Workload) -> bool {
     !w.kind.writes() && w.queues == 1 && !w.latency
 }
 
-/// The `twinsum serve` command of `side`, keyed with `key` if given.
+/// The workloads the logged disk runs: one-queue 4 KiB writes.
+fn logged_workload(w: &Workload) -> bool {
+    w.kind.writes() && w.queues == 1 && w.name.starts_with("4k")
+}
+
+/// The `twinsum serve` command of `side`, keyed with `key` and recording
+/// into `log` if given.
 fn serve_twinsum(
     cfg: &Config,
     dir: &Path,
     side: &Side,
     meta: &Path,
     key: Option<&Path>,
+    log: Option<&Path>,
 ) -> Command {
     let mut cmd = Command::new(&cfg.twinsum);
     cmd.arg("serve")
@@ -936,6 +983,9 @@ fn serve_twinsum(
         );
     if let Some(k) = key {
         cmd.arg("--key-file").arg(k);
+    }
+    if let Some(l) = log {
+        cmd.arg("--log-writes").arg(l);
     }
     cmd
 }
@@ -1155,4 +1205,34 @@ fn print_keyed_table(tw: &Side, keyed: &Side) {
         );
     }
     println!("ratio = keyed/unkeyed IOPS");
+}
+
+/// twinsum with `--log-writes` against without, on the workloads both ran.
+fn print_logged_table(tw: &Side, logged: &Side) {
+    if logged.runs.iter().all(Vec::is_empty) {
+        return;
+    }
+    println!();
+    println!("write log (serve --log-writes) against none, both twinsum:");
+    println!(
+        "{:<25} {:>9} {:>8} {:>7}   {:>9} {:>8} {:>7}   {:>6}",
+        "workload", "no log", "MB/s", "cpu/io", "logged", "MB/s", "cpu/io", "ratio"
+    );
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let (Some(a), Some(b)) = (tw.median(i), logged.median(i)) else {
+            continue;
+        };
+        println!(
+            "{:<25} {:>9.0} {:>8.1} {:>7.1}   {:>9.0} {:>8.1} {:>7.1}   {:>5.2}x",
+            w.name,
+            a.stats.iops(),
+            a.stats.mb_per_s(),
+            a.cpu_per_io_us(),
+            b.stats.iops(),
+            b.stats.mb_per_s(),
+            b.cpu_per_io_us(),
+            b.stats.iops() / a.stats.iops()
+        );
+    }
+    println!("ratio = logged/unlogged IOPS");
 }
