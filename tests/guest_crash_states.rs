@@ -332,8 +332,7 @@ fn illegal_state_is_caught(
     .unwrap_or_else(|e| sess.fail(e));
     let victim = files
         .iter()
-        .filter(|f| f.by <= cut)
-        .last()
+        .rfind(|f| f.by <= cut)
         .expect("a file fsynced by the end");
     // Where the file's data lives: ask a journal-replayed scratch copy
     // (the file's inode may still be only in the journal).

@@ -459,7 +459,7 @@ impl GuestCheck {
         let blocks = reqs
             .into_iter()
             .filter_map(|(b, r)| {
-                let last = r.iter().filter(|q| q.seq < covers).last()?;
+                let last = r.iter().rfind(|q| q.seq < covers)?;
                 let mut ok: Vec<u64> = r
                     .iter()
                     // `began` is the number the next record was to get: a

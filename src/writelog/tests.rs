@@ -283,11 +283,10 @@ fn a_state_that_drops_a_flushed_write_is_caught() {
         .fates
         .iter()
         .enumerate()
-        .filter(|(_, (i, f))| {
+        .rfind(|(_, (i, f))| {
             *f == Fate::Durable
                 && matches!(log.entries[*i].record, Record::Write { dev: Dev::Data, .. })
         })
-        .last()
         .unwrap();
     plan.fates[k].1 = Fate::Dropped;
     let (broken, _mismatches) = build_with(&d, &log, cut, &plan);
