@@ -120,7 +120,7 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
     for (off, data) in &flushed {
         let at = *off as usize;
         assert!(
-            &bytes[at..at + data.len()] == &data[..],
+            bytes[at..at + data.len()] == data[..],
             "flushed write at {off}"
         );
     }
