@@ -1,4 +1,5 @@
-//! The `twinsum` command line: serve | format | check | info.
+//! The `twinsum` command line: serve | format | check | info | log-info |
+//! crash-states.
 
 mod cli;
 
