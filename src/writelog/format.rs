@@ -380,7 +380,7 @@ fn decode_payload(kind: u8, dev: u8, p: &[u8], data_pos: u64) -> Option<Record> 
             dev: dev?,
             covers: word(0)?,
         },
-        kind::GUEST_WRITE if p.len() >= 24 && p.len() % 8 == 0 => Record::GuestWrite {
+        kind::GUEST_WRITE if p.len() >= 24 && p.len().is_multiple_of(8) => Record::GuestWrite {
             block: word(0)?,
             began: word(1)?,
             hashes: p[16..].chunks_exact(8).map(|c| u64_at(c, 0)).collect(),
