@@ -4,9 +4,15 @@
 //! (never a torn or unverifiable one), the front-end connected at the cut
 //! gets I/O errors, and the next one finds a disk that reads in full.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod disk;
+    pub mod run;
+}
 
-use common::{pattern, s, twinsum, Client, Daemon, Disk};
+use common::client::{pattern, Client};
+use common::disk::{twinsum, Daemon, Disk};
+use common::run::s;
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 4096;
@@ -80,9 +86,10 @@ fn write_cut_and_check(disk: &Disk, d: &Daemon, cut: u64, seed_base: u64) -> (u6
     drop(c);
 
     let mut c = Client::connect(&disk.socket, 1);
+    let size = c.capacity();
     let mut q = c.q0();
     // A full read: every block verifies (no checksum mismatch).
-    for off in (0..disk.size).step_by(MIB as usize) {
+    for off in (0..size).step_by(MIB as usize) {
         if let Err(e) = q.read(off, MIB as usize) {
             panic!("cut {cut}: read at {off} failed ({e}) after the power cut");
         }
