@@ -1,0 +1,423 @@
+//! One contract, every [`Device`]: the same checks over each
+//! implementation, so that the engine can rely on the trait and not on the
+//! device behind it.
+//!
+//! Each device is one line of `conformance!` at the end of this file: a
+//! module named after it whose tests are the checks below. A new device
+//! (an io_uring one, say) is one more line.
+//!
+//! The checks: the size; writes read back, at any offset and length, the
+//! later of two overlapping writes winning; a range past the end refused by
+//! `read_at`, `write_at` and `zero_range` (and the device left as it was),
+//! an empty range at the end accepted; `zero_range` reads back zeros and
+//! touches nothing around it; `next_data` never hides data, never reports a
+//! region that reads non-zero as a hole, and either reports everything as
+//! data (a device that cannot tell) or reports holes (a sparse file); and
+//! `sync` makes writes durable where that can be observed (a volatile
+//! device's power cut, a file reopened).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use twinsum::io::volatile::{MemDevice, VolatileDevice};
+use twinsum::io::{Device, FileDevice, OpenFlags};
+
+/// Size of every device under test: 256 blocks of 4096 bytes.
+const SIZE: u64 = 1 << 20;
+
+/// What `next_data` may say of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holes {
+    /// It cannot tell: everything from the offset on is data.
+    AllData,
+    /// A fresh device is one hole, and data only where it was written.
+    Sparse,
+    /// A fresh device is all data (a file whose every byte was written).
+    Allocated,
+}
+
+/// A device under test, with what the checks may expect of it.
+struct Subject {
+    dev: Arc<dyn Device>,
+    holes: Holes,
+    /// `zero_range` of whole blocks leaves a hole that `next_data` skips.
+    punches: bool,
+    /// The same device as a [`VolatileDevice`], to cut its power.
+    volatile: Option<Arc<VolatileDevice>>,
+    /// The file behind the device, to reopen it, and its directory.
+    file: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl Subject {
+    fn mem() -> Self {
+        Self {
+            dev: Arc::new(MemDevice::new(SIZE)),
+            holes: Holes::AllData,
+            punches: false,
+            volatile: None,
+            file: None,
+        }
+    }
+
+    fn volatile(configure: impl FnOnce(VolatileDevice) -> VolatileDevice) -> Self {
+        let v = Arc::new(configure(VolatileDevice::zeroed(SIZE)));
+        Self {
+            dev: v.clone(),
+            holes: Holes::AllData,
+            punches: false,
+            volatile: Some(v),
+            file: None,
+        }
+    }
+
+    /// A regular file of [`SIZE`] bytes, every byte written (`sparse`:
+    /// none, one hole), opened by `open`.
+    fn file(sparse: bool, open: impl FnOnce(&Path) -> Arc<dyn Device>) -> Self {
+        let (dir, path) = scratch_file(sparse);
+        Self {
+            dev: open(&path),
+            holes: if sparse {
+                Holes::Sparse
+            } else {
+                Holes::Allocated
+            },
+            punches: true,
+            volatile: None,
+            file: Some((dir, path)),
+        }
+    }
+
+    /// A volatile cache in front of a sparse file, as `serve
+    /// --volatile-cache` runs. A zeroed range waits in the cache as a
+    /// version of its own, so it is reported as data until destaged.
+    fn volatile_over_sparse_file() -> Self {
+        let (dir, path) = scratch_file(true);
+        let v = Arc::new(VolatileDevice::new(open_file(&path)));
+        Self {
+            dev: v.clone(),
+            holes: Holes::Sparse,
+            punches: false,
+            volatile: Some(v),
+            file: Some((dir, path)),
+        }
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xeeu8; len];
+        self.dev
+            .read_at(&mut buf, offset)
+            .unwrap_or_else(|e| panic!("read of {offset}+{len}: {e}"));
+        buf
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.dev
+            .write_at(data, offset)
+            .unwrap_or_else(|e| panic!("write of {offset}+{}: {e}", data.len()));
+    }
+
+    /// Every region `next_data` reports from 0 on, checked for shape.
+    fn data_regions(&self) -> Vec<(u64, u64)> {
+        let mut regions = Vec::new();
+        let mut at = 0;
+        while let Some((start, end)) = self.dev.next_data(at).expect("next_data") {
+            assert!(
+                at <= start && start < end && end <= SIZE,
+                "next_data({at}) = ({start}, {end}): not a non-empty region at or after {at} inside the device"
+            );
+            regions.push((start, end));
+            at = end;
+        }
+        regions
+    }
+}
+
+/// A file of [`SIZE`] bytes in a fresh directory: one hole if `sparse`,
+/// else every byte written.
+fn scratch_file(sparse: bool) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("device.img");
+    if sparse {
+        drop(FileDevice::create(&path, SIZE, false, false).expect("create a sparse file"));
+    } else {
+        std::fs::write(&path, vec![0u8; SIZE as usize]).expect("write a file");
+    }
+    (dir, path)
+}
+
+fn open_file(path: &Path) -> Arc<dyn Device> {
+    let flags = OpenFlags {
+        writable: true,
+        lock: true,
+    };
+    Arc::new(FileDevice::open(path, flags).expect("open the file"))
+}
+
+/// Bytes that differ per offset and per `seed`, never all zero.
+fn pattern(offset: u64, len: usize, seed: u8) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((offset + i).wrapping_mul(31) as u8 ^ seed) | 1)
+        .collect()
+}
+
+// ---- the checks --------------------------------------------------------------
+
+fn size(s: Subject) {
+    assert_eq!(s.dev.size(), SIZE);
+}
+
+fn round_trip(s: Subject) {
+    // Aligned, unaligned, across a 512-byte and a 4096-byte boundary, the
+    // last byte, and the whole device.
+    let cases: [(u64, usize); 6] = [
+        (0, 4096),
+        (4096 * 7, 512),
+        (1000, 3000),
+        (4096 * 9 - 100, 200),
+        (SIZE - 1, 1),
+        (0, SIZE as usize),
+    ];
+    for (i, &(offset, len)) in cases.iter().enumerate() {
+        let data = pattern(offset, len, i as u8);
+        s.write(offset, &data);
+        assert!(
+            s.read(offset, len) == data,
+            "{offset}+{len} does not read back what was written"
+        );
+    }
+    // Overlapping writes: the later one wins where they overlap, the
+    // earlier one stays where they do not.
+    let (a, b) = (pattern(8192, 8192, 0x40), pattern(12288, 8192, 0x80));
+    s.write(8192, &a);
+    s.write(12288, &b);
+    let got = s.read(8192, 12288);
+    assert!(got[..4096] == a[..4096], "the earlier write's own part");
+    assert!(got[4096..] == b[..], "the later write, over the overlap");
+    // A read of part of a write.
+    assert!(s.read(8192 + 100, 50) == a[100..150]);
+}
+
+fn out_of_range_is_refused(s: Subject) {
+    let before = s.read(0, SIZE as usize);
+    let ranges: [(u64, u64); 4] = [(SIZE, 1), (SIZE - 1, 2), (SIZE + 4096, 4096), (u64::MAX, 1)];
+    for (offset, len) in ranges {
+        let mut buf = vec![0u8; len as usize];
+        assert!(
+            s.dev.read_at(&mut buf, offset).is_err(),
+            "read of {offset}+{len} accepted"
+        );
+        assert!(
+            s.dev.write_at(&vec![0x5a; len as usize], offset).is_err(),
+            "write of {offset}+{len} accepted"
+        );
+        assert!(
+            s.dev.zero_range(offset, len).is_err(),
+            "zero_range of {offset}+{len} accepted"
+        );
+    }
+    assert!(
+        s.dev.zero_range(4096, u64::MAX).is_err(),
+        "zero_range whose end overflows accepted"
+    );
+    assert!(
+        s.read(0, SIZE as usize) == before,
+        "a refused call changed the device"
+    );
+    // An empty range at the very end is inside the device.
+    s.dev.read_at(&mut [], SIZE).expect("empty read at the end");
+    s.dev.write_at(&[], SIZE).expect("empty write at the end");
+    s.dev
+        .zero_range(SIZE, 0)
+        .expect("empty zero_range at the end");
+}
+
+fn zero_range_reads_back_zeros(s: Subject) {
+    let all = pattern(0, SIZE as usize, 7);
+    s.write(0, &all);
+    // Whole blocks (a file system can punch them), and an unaligned range
+    // that must be zeroed in part of a block.
+    for (offset, len) in [(65536u64, 65536u64), (1000, 5000), (SIZE - 4096, 4096)] {
+        s.dev.zero_range(offset, len).expect("zero_range");
+        let (lo, hi) = (offset as usize, (offset + len) as usize);
+        let got = s.read(0, SIZE as usize);
+        assert!(
+            got[lo..hi].iter().all(|&b| b == 0),
+            "{offset}+{len} does not read as zeros"
+        );
+        s.write(offset, &all[lo..hi]);
+    }
+    // Nothing around the zeroed ranges was touched.
+    assert!(s.read(0, SIZE as usize) == all);
+}
+
+fn next_data_never_hides_data(s: Subject) {
+    let writes = [(0u64, 100usize), (300_000, 4096), (SIZE - 10, 10)];
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        s.write(offset, &pattern(offset, len, i as u8));
+    }
+    s.dev.zero_range(65536, 65536).expect("zero_range");
+    let regions = s.data_regions();
+    // Every written byte lies in a reported region (a device may report
+    // one region per cached unit: adjacent regions count together).
+    for (offset, len) in writes {
+        let mut at = offset;
+        for &(a, b) in &regions {
+            if a <= at && at < b {
+                at = b;
+            }
+        }
+        assert!(
+            at >= offset + len as u64,
+            "written range {offset}+{len} is not covered by the data regions {regions:?} (byte {at} is not)"
+        );
+    }
+    // What is reported as a hole reads as zeros.
+    let all = s.read(0, SIZE as usize);
+    let mut at = 0;
+    for &(start, end) in regions.iter().chain([(SIZE, SIZE)].iter()) {
+        assert!(
+            all[at as usize..start as usize].iter().all(|&b| b == 0),
+            "hole {at}..{start} does not read as zeros"
+        );
+        at = end;
+    }
+    assert_eq!(s.dev.next_data(SIZE).expect("next_data"), None);
+    assert_eq!(s.dev.next_data(SIZE + 4096).expect("next_data"), None);
+}
+
+fn next_data_reports_what_the_device_knows(s: Subject) {
+    let from = |offset: u64| s.dev.next_data(offset).expect("next_data");
+    const AT: u64 = 512 * 1024;
+    match s.holes {
+        Holes::AllData | Holes::Allocated => {
+            assert_eq!(from(0), Some((0, SIZE)), "a fresh device is all data");
+        }
+        Holes::Sparse => assert_eq!(from(0), None, "a fresh sparse device is one hole"),
+    }
+    s.write(AT, &pattern(AT, 4096, 1));
+    match s.holes {
+        Holes::AllData => {
+            // From any offset, everything up to the end is data.
+            for offset in [0, 1, 128 * 1024, 200_000, SIZE - 1] {
+                assert_eq!(from(offset), Some((offset, SIZE)), "next_data({offset})");
+            }
+        }
+        Holes::Allocated => assert_eq!(from(0), Some((0, SIZE))),
+        Holes::Sparse => {
+            let (start, end) = from(0).expect("the write is data");
+            assert!(
+                start > 0 && start <= AT && end > AT,
+                "next_data(0) = ({start}, {end}): only the write at {AT} is data"
+            );
+        }
+    }
+    if s.punches {
+        // Whole blocks zeroed become a hole: the next data starts after it.
+        let (lo, hi) = (128 * 1024, 256 * 1024);
+        s.write(lo, &pattern(lo, (hi - lo) as usize, 2));
+        s.dev.zero_range(lo, hi - lo).expect("zero_range");
+        let (start, end) = from(lo).expect("the write at 512 KiB is data");
+        assert!(
+            (hi..=AT).contains(&start) && end > AT,
+            "next_data({lo}) = ({start}, {end}): the zeroed {lo}..{hi} should be a hole"
+        );
+    }
+}
+
+fn sync_makes_writes_durable(s: Subject) {
+    let data = pattern(4096, 8192, 3);
+    if let Some(v) = &s.volatile {
+        // Observable: a power cut before the sync may lose a write (one
+        // sector, so that even a cache limit keeps it cached; here the cut
+        // drops everything it may), one after the sync keeps it whatever
+        // the cut chooses.
+        s.write(4096, &data[..512]);
+        v.power_cut_with(|_, _| 0).expect("power cut");
+        assert!(
+            s.read(4096, 512) == [0; 512],
+            "a power cut that drops every cached sector kept an un-synced write"
+        );
+        s.write(4096, &data);
+        s.dev.sync().expect("sync");
+        for seed in 0..8 {
+            v.power_cut(seed).expect("power cut");
+            assert!(
+                s.read(4096, 8192) == data,
+                "a synced write lost at a power cut (seed {seed})"
+            );
+        }
+        assert!(v.durable_snapshot().expect("snapshot")[4096..12288] == data[..]);
+    } else {
+        s.write(4096, &data);
+        s.dev.sync().expect("sync");
+        assert!(s.read(4096, 8192) == data);
+    }
+    let Subject {
+        dev,
+        volatile,
+        file,
+        ..
+    } = s;
+    if let Some((_dir, path)) = file {
+        // A file reopened after the sync holds the write.
+        drop((dev, volatile));
+        let again = open_file(&path);
+        let mut buf = vec![0u8; 8192];
+        again.read_at(&mut buf, 4096).expect("read");
+        assert!(
+            buf == data,
+            "the reopened file does not hold the synced write"
+        );
+    }
+}
+
+// ---- the devices -----------------------------------------------------------
+
+/// `conformance! { name => subject; ... }`: one module per device, one test
+/// per check, each on a fresh subject.
+macro_rules! conformance {
+    ($($name:ident => $subject:expr;)*) => {$(
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn size() {
+                super::size($subject);
+            }
+            #[test]
+            fn round_trip() {
+                super::round_trip($subject);
+            }
+            #[test]
+            fn out_of_range_is_refused() {
+                super::out_of_range_is_refused($subject);
+            }
+            #[test]
+            fn zero_range_reads_back_zeros() {
+                super::zero_range_reads_back_zeros($subject);
+            }
+            #[test]
+            fn next_data_never_hides_data() {
+                super::next_data_never_hides_data($subject);
+            }
+            #[test]
+            fn next_data_reports_what_the_device_knows() {
+                super::next_data_reports_what_the_device_knows($subject);
+            }
+            #[test]
+            fn sync_makes_writes_durable() {
+                super::sync_makes_writes_durable($subject);
+            }
+        }
+    )*};
+}
+
+conformance! {
+    mem => Subject::mem();
+    volatile => Subject::volatile(|v| v);
+    volatile_cache_limit => Subject::volatile(|v| v.with_cache_limit(8));
+    volatile_atomic_4096 => Subject::volatile(|v| v.with_atomic_unit(4096).unwrap());
+    file => Subject::file(false, open_file);
+    sparse_file => Subject::file(true, open_file);
+    volatile_over_sparse_file => Subject::volatile_over_sparse_file();
+}
