@@ -69,8 +69,8 @@ impl Figures {
     }
 
     /// Require each `(what, counter, least)`, where `least` is what `per`
-    /// cases must reach at the least; `cases` ran. The figures are about
-    /// half of what the seeds reach, far above what a device that never
+    /// cases must reach at the least; `cases` ran. The figures sit well
+    /// below what the seeds reach and far above what a device that never
     /// loses a write (or an engine that never tears) could produce.
     pub fn require_at_least(&self, cases: u64, per: u64, minimums: &[(&str, &AtomicU64, u64)]) {
         for &(what, have, least) in minimums {
