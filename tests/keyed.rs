@@ -56,18 +56,10 @@ fn keyed_disk() -> (Disk, PathBuf) {
 }
 
 fn check(disk: &Disk, key: Option<&Path>) -> Output {
-    let mut args = vec![
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--json",
-    ];
-    if let Some(k) = key {
-        args.extend(["--key-file", s(k)]);
+    match key {
+        Some(k) => disk.check(&["--json", "--key-file", s(k)]),
+        None => disk.check(&["--json"]),
     }
-    twinsum(&args)
 }
 
 fn exit_code(o: &Output) -> i32 {

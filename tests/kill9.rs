@@ -32,9 +32,9 @@ use std::thread;
 use std::time::Instant;
 
 use common::client::{Client, QUEUE_BUF};
-use common::disk::{twinsum, Daemon, Disk};
+use common::disk::{Daemon, Disk};
 use common::load::{self, Ctl, EndGuard, Model, Rng, Shape, StopGuard, Verdict};
-use common::run::{poll, s};
+use common::run::poll;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -216,16 +216,7 @@ fn run_until_killed(
 
 /// `twinsum check` must find every block matching one of its slots.
 fn check_exits_0(disk: &Disk, ctx: &str, log: &str) {
-    let o = twinsum(&[
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--stage",
-        s(&disk.stage),
-        "--json",
-    ]);
+    let o = disk.check(&["--json"]);
     assert_eq!(
         o.status.code(),
         Some(0),

@@ -409,15 +409,7 @@ fn a_stage_left_by_a_dead_twinsum_is_replayed_before_serving() {
     // Two writes to block 5 in order: the later one must win.
     craft_stage(&disk, &[(5, a.clone()), (5, b.clone()), (9, a.clone())]);
     assert_eq!(disk.info()["stage_writes"], 3);
-    let check = twinsum(&[
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--stage",
-        s(&disk.stage),
-    ]);
+    let check = disk.check(&[]);
     assert_eq!(check.status.code(), Some(0));
     let err = String::from_utf8_lossy(&check.stderr);
     assert!(

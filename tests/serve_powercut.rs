@@ -157,7 +157,7 @@ fn power_cuts_keep_flushed_data_and_every_block_verifies() {
         d.wait_exit()
     };
     assert!(status.success(), "serve exited with {status}: {}", d.log());
-    let o = twinsum(&["check", "--data", s(&disk.data), "--meta", s(&disk.meta)]);
+    let o = disk.check(&[]);
     assert!(
         o.status.success(),
         "check after the cuts: {}{}",

@@ -112,6 +112,22 @@ impl Disk {
         serde_json::from_slice(&o.stdout).expect("info --json prints JSON")
     }
 
+    /// `twinsum check` of this disk, with the stage its daemons use and
+    /// `extra` arguments.
+    pub fn check(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "check",
+            "--data",
+            s(&self.data),
+            "--meta",
+            s(&self.meta),
+            "--stage",
+            s(&self.stage),
+        ];
+        args.extend(extra);
+        twinsum(&args)
+    }
+
     /// Start `twinsum serve` on this disk with `extra` arguments.
     pub fn serve(&self, extra: &[&str]) -> Daemon {
         Daemon::start(self, &self.socket, extra)
