@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/twinsum
 
-.PHONY: all build run test deps lint bench crash-model images qemu clean
+.PHONY: all build run test deps lint bench crash-model fuzz images qemu clean
 
 all: build
 
@@ -28,6 +28,8 @@ test: deps images
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	# The build that serves, without the tests' `testing` feature.
+	$(CARGO) clippy --lib --bins -- -D warnings
 
 bench: build
 	$(CARGO) bench --bench core
@@ -36,6 +38,13 @@ bench: build
 # The long crash-model run (10^5 seeds and more; SEEDS=N to change).
 crash-model:
 	TWINSUM_CRASH_SEEDS=$${SEEDS:-100000} $(CARGO) test --release --test crash_model -- --nocapture
+
+# A long run of the randomized hostile front-end (tests/frontend_fuzz.rs):
+# CASES=N cases (default 3000) from SEED (default: the clock). A failure
+# prints the SEED and CASES that replay it.
+fuzz:
+	TWINSUM_FUZZ_CASES=$${CASES:-3000} TWINSUM_FUZZ_SEED=$${SEED:-$$(date +%s)} \
+		$(CARGO) test --release --test frontend_fuzz -- --nocapture
 
 # Guest kernel + initramfs for the QEMU tests, into images/build (reused).
 images:

@@ -7,20 +7,24 @@
 //! (an io_uring one, say) is one more line.
 //!
 //! The checks: the size; writes read back, at any offset and length, the
-//! later of two overlapping writes winning; a range past the end refused by
-//! `read_at`, `write_at` and `zero_range` (and the device left as it was),
-//! an empty range at the end accepted; `zero_range` reads back zeros and
+//! later of two overlapping writes winning, whether written by `write_at`
+//! or `write_durable`; a range past the end refused by `read_at`,
+//! `write_at`, `write_durable` and `zero_range` (and the device left as it
+//! was), an empty range at the end accepted; `zero_range` reads back zeros and
 //! touches nothing around it; `next_data` never hides data, never reports a
 //! region that reads non-zero as a hole, and either reports everything as
 //! data (a device that cannot tell) or reports holes (a sparse file); and
 //! `sync` makes writes durable where that can be observed (a volatile
-//! device's power cut, a file reopened).
+//! device's power cut, a file reopened); `write_durable` makes its own
+//! range durable when it returns, with no sync, and (on the simulated
+//! volatile disk the crash model runs on) nothing more than that range.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use twinsum::io::volatile::{MemDevice, VolatileDevice};
-use twinsum::io::{Device, FileDevice, OpenFlags};
+use twinsum::io::volatile::testing::FaultInjection;
+use twinsum::io::volatile::VolatileDevice;
+use twinsum::io::{Device, FileDevice, MemDevice, OpenFlags};
 
 /// Size of every device under test: 256 blocks of 4096 bytes.
 const SIZE: u64 = 1 << 20;
@@ -167,6 +171,19 @@ fn size(s: Subject) {
 }
 
 fn round_trip(s: Subject) {
+    round_trip_with(&s, |offset, data| s.write(offset, data));
+}
+
+fn write_durable_round_trip(s: Subject) {
+    round_trip_with(&s, |offset, data| {
+        s.dev
+            .write_durable(data, offset)
+            .unwrap_or_else(|e| panic!("write_durable of {offset}+{}: {e}", data.len()))
+    });
+}
+
+/// Writes by `write` read back, alone and overlapping.
+fn round_trip_with(s: &Subject, write: impl Fn(u64, &[u8])) {
     // Aligned, unaligned, across a 512-byte and a 4096-byte boundary, the
     // last byte, and the whole device.
     let cases: [(u64, usize); 6] = [
@@ -179,7 +196,7 @@ fn round_trip(s: Subject) {
     ];
     for (i, &(offset, len)) in cases.iter().enumerate() {
         let data = pattern(offset, len, i as u8);
-        s.write(offset, &data);
+        write(offset, &data);
         assert!(
             s.read(offset, len) == data,
             "{offset}+{len} does not read back what was written"
@@ -188,8 +205,8 @@ fn round_trip(s: Subject) {
     // Overlapping writes: the later one wins where they overlap, the
     // earlier one stays where they do not.
     let (a, b) = (pattern(8192, 8192, 0x40), pattern(12288, 8192, 0x80));
-    s.write(8192, &a);
-    s.write(12288, &b);
+    write(8192, &a);
+    write(12288, &b);
     let got = s.read(8192, 12288);
     assert!(got[..4096] == a[..4096], "the earlier write's own part");
     assert!(got[4096..] == b[..], "the later write, over the overlap");
@@ -211,6 +228,12 @@ fn out_of_range_is_refused(s: Subject) {
             "write of {offset}+{len} accepted"
         );
         assert!(
+            s.dev
+                .write_durable(&vec![0x5a; len as usize], offset)
+                .is_err(),
+            "write_durable of {offset}+{len} accepted"
+        );
+        assert!(
             s.dev.zero_range(offset, len).is_err(),
             "zero_range of {offset}+{len} accepted"
         );
@@ -226,6 +249,9 @@ fn out_of_range_is_refused(s: Subject) {
     // An empty range at the very end is inside the device.
     s.dev.read_at(&mut [], SIZE).expect("empty read at the end");
     s.dev.write_at(&[], SIZE).expect("empty write at the end");
+    s.dev
+        .write_durable(&[], SIZE)
+        .expect("empty write_durable at the end");
     s.dev
         .zero_range(SIZE, 0)
         .expect("empty zero_range at the end");
@@ -371,6 +397,87 @@ fn sync_makes_writes_durable(s: Subject) {
     }
 }
 
+fn write_durable_is_durable_on_return(s: Subject) {
+    // A sector-aligned range and one that starts and ends inside sectors
+    // (three sectors: with the writes below, still under the cache limit
+    // of 8 versions, so that no destage of the whole cache hides what
+    // write_durable alone made durable; the first is larger than the
+    // limit, written through).
+    let ranges: [(u64, usize); 2] = [(8192, 8192), (40_000, 1000)];
+    let datas: Vec<Vec<u8>> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &(offset, len))| pattern(offset, len, 0x20 + i as u8))
+        .collect();
+    // An ordinary write next to each range (the second in the same
+    // 4096-byte block), and one far from both; none of them synced. One
+    // sector each, so that even a cache limit keeps them cached.
+    let others: [(u64, usize); 3] = [(7680, 512), (43_520, 512), (SIZE - 8192, 512)];
+    for (i, &(offset, len)) in others.iter().enumerate() {
+        s.write(offset, &pattern(offset, len, 0x60 + i as u8));
+    }
+    for (&(offset, _), data) in ranges.iter().zip(&datas) {
+        s.dev.write_durable(data, offset).expect("write_durable");
+        assert!(s.read(offset, data.len()) == *data, "{offset}: reads back");
+    }
+    if let Some(v) = &s.volatile {
+        // Observable: a power cut now, dropping every sector it may, keeps
+        // each durable range whole...
+        v.power_cut_with(|_, _| 0).expect("power cut");
+        for (&(offset, len), data) in ranges.iter().zip(&datas) {
+            assert!(
+                s.read(offset, len) == *data,
+                "write_durable of {offset}+{len} returned, but a power cut lost it"
+            );
+        }
+        let snapshot = v.durable_snapshot().expect("snapshot");
+        for (&(offset, len), data) in ranges.iter().zip(&datas) {
+            assert!(snapshot[offset as usize..offset as usize + len] == data[..]);
+        }
+        // ... and loses the ordinary writes, outside those ranges: the
+        // crash model's disk promises no more than the contract, so an
+        // engine that relied on write_durable syncing its other writes
+        // would be caught there.
+        // (A unit that a range covers in part is made durable whole.)
+        let unit = v.atomic_unit();
+        let in_a_durable_unit = |b: u64| {
+            ranges
+                .iter()
+                .any(|&(o, l)| o / unit <= b / unit && b / unit <= (o + l as u64 - 1) / unit)
+        };
+        for &(offset, len) in &others {
+            let kept: Vec<u64> = (offset..offset + len as u64)
+                .filter(|&b| !in_a_durable_unit(b) && snapshot[b as usize] != 0)
+                .collect();
+            assert!(
+                kept.is_empty(),
+                "an un-synced write at {offset}+{len} survived a power cut that dropped everything un-synced (bytes {:?}...): write_durable synced more than its range",
+                &kept[..kept.len().min(4)]
+            );
+        }
+    }
+    let Subject {
+        dev,
+        volatile,
+        file,
+        ..
+    } = s;
+    if let Some((_dir, path)) = file {
+        // The file itself holds each range, reopened (for a volatile cache
+        // over a file: destaged to it, not only kept in the cache).
+        drop((dev, volatile));
+        let again = open_file(&path);
+        for (&(offset, len), data) in ranges.iter().zip(&datas) {
+            let mut buf = vec![0u8; len];
+            again.read_at(&mut buf, offset).expect("read");
+            assert!(
+                buf == *data,
+                "the reopened file does not hold the write_durable at {offset}+{len}"
+            );
+        }
+    }
+}
+
 // ---- the devices -----------------------------------------------------------
 
 /// `conformance! { name => subject; ... }`: one module per device, one test
@@ -407,6 +514,14 @@ macro_rules! conformance {
             #[test]
             fn sync_makes_writes_durable() {
                 super::sync_makes_writes_durable($subject);
+            }
+            #[test]
+            fn write_durable_round_trip() {
+                super::write_durable_round_trip($subject);
+            }
+            #[test]
+            fn write_durable_is_durable_on_return() {
+                super::write_durable_is_durable_on_return($subject);
             }
         }
     )*};

@@ -6,6 +6,7 @@
 
 mod common {
     pub mod client;
+    pub mod content;
     pub mod disk;
     pub mod run;
 }
@@ -15,7 +16,8 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::client::{pattern, Client};
+use common::client::Client;
+use common::content::pattern;
 use common::disk::{twinsum, Daemon, Disk};
 use common::run::s;
 use twinsum::integrity::hash::Checksum;

@@ -6,11 +6,13 @@
 
 mod common {
     pub mod client;
+    pub mod content;
     pub mod disk;
     pub mod run;
 }
 
-use common::client::{pattern, Client};
+use common::client::Client;
+use common::content::pattern;
 use common::disk::{twinsum, Daemon, Disk};
 use common::run::s;
 

@@ -5,6 +5,18 @@
 //! queue per thread), so the backend uses the shared-reference trait and
 //! only per-queue state is locked: queues run in parallel and meet only in
 //! the engine, whose group commit spans them.
+//!
+//! The workers see guest memory only through the backend's own
+//! [`GuestMem`], which [`BlkBackend::update_memory`] fills once a new
+//! memory table has been checked against its files and made known to the
+//! SIGBUS handler ([`guestmem`]). The vhost-user handler publishes a new
+//! table to the rings before it tells the backend, so the workers do every
+//! ring access through the queue with that checked memory, never through
+//! the vring's own.
+//!
+//! Requests complete in the order the driver made them available, on
+//! every queue: QEMU rewinds a ring to its used index when the back-end
+//! dies, which is only right if every request before that index is done.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,18 +24,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, Permissions,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::chain::DescTable;
 use super::config::{self, ConfigSpace};
 use super::execute::{BufPool, Disk};
-use super::request::{ParseError, Request, RequestError};
-use crate::integrity::EngineError;
-use crate::io::volatile::PowerSupply;
+use super::guestmem;
+use super::request::Request;
 
 /// Guest memory as the vhost-user crates share it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -33,9 +48,32 @@ pub type Vring = VringRwLock<GuestMem>;
 /// Most queues one backend serves: `queues_per_thread` is a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
 
+/// Why a queue cannot be served at all (as opposed to one request).
+#[derive(Debug, thiserror::Error)]
+enum Stall {
+    #[error("its {what} ({addr:#x}+{len}) is not inside guest memory")]
+    Ring {
+        what: &'static str,
+        addr: u64,
+        len: usize,
+    },
+    #[error(transparent)]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// What a queue's worker keeps between batches.
+#[derive(Default)]
+struct Worker {
+    pool: BufPool,
+    /// Why the queue is stuck, once that was logged.
+    stalled: Option<String>,
+}
+
 /// The backend of one front-end connection.
 pub struct BlkBackend {
     disk: Arc<Disk>,
+    /// Guest memory as the workers see it: only tables that passed
+    /// [`guestmem::check_table`].
     mem: GuestMem,
     num_queues: usize,
     max_queue_size: usize,
@@ -44,7 +82,7 @@ pub struct BlkBackend {
     /// Per queue: held by its worker while it runs a batch, so that
     /// stopping a ring or the connection can wait for requests in flight;
     /// it also keeps the worker's reusable buffers.
-    busy: Vec<Mutex<BufPool>>,
+    busy: Vec<Mutex<Worker>>,
     /// Notifiers of the workers' exit events.
     exits: Mutex<Vec<EventNotifier>>,
     /// Set once the connection is gone: workers then touch nothing.
@@ -52,40 +90,28 @@ pub struct BlkBackend {
     /// Rings the driver has started (bit per queue), to tell a device
     /// stop (all rings stopped) and a device start (a stopped ring runs).
     started: AtomicU64,
-    /// With `serve --volatile-cache`: once this is off, every request
-    /// fails with an I/O error.
-    power: Option<Arc<PowerSupply>>,
 }
 
 impl BlkBackend {
-    pub fn new(disk: Arc<Disk>, num_queues: u16, max_queue_size: u16, mem: GuestMem) -> Self {
+    /// A backend with no guest memory yet (SET_MEM_TABLE brings it).
+    pub fn new(disk: Arc<Disk>, num_queues: u16, max_queue_size: u16) -> Self {
         let num_queues = usize::from(num_queues.clamp(1, MAX_QUEUES));
         let l = disk.limits();
         let config = ConfigSpace::new(l.block_size, l.blocks, num_queues as u16, true);
         Self {
             disk,
-            mem,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             num_queues,
             max_queue_size: usize::from(max_queue_size),
             config: Mutex::new(config),
             event_idx: AtomicBool::new(false),
             busy: (0..num_queues)
-                .map(|_| Mutex::new(BufPool::default()))
+                .map(|_| Mutex::new(Worker::default()))
                 .collect(),
             exits: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             started: AtomicU64::new(0),
-            power: None,
         }
-    }
-
-    /// Fail every request once `power` is switched off. The devices under
-    /// the engine refuse I/O by then too, but the engine completes some
-    /// requests without touching them (writes held in its write-back
-    /// stage, reads served from it): a disk without power answers nothing.
-    pub fn with_power(mut self, power: Arc<PowerSupply>) -> Self {
-        self.power = Some(power);
-        self
     }
 
     /// The connection is over: stop the workers and wait for the batches
@@ -124,7 +150,7 @@ impl BlkBackend {
     }
 
     /// Drain a ring, one engine batch per pass, signalling once per pass.
-    fn drain(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), virtio_queue::Error> {
+    fn drain(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), Stall> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
             // GET_VRING_BASE marks the ring not ready and then waits for us
@@ -132,63 +158,115 @@ impl BlkBackend {
             if !vring.get_ref().get_queue().ready() {
                 return Ok(());
             }
+            let mem = self.mem.memory();
             if event_idx {
-                vring.disable_notification()?;
+                let mut st = vring.get_mut();
+                let q = st.get_queue_mut();
+                check_rings(&*mem, q)?;
+                q.disable_notification(&*mem)?;
             }
-            self.process(vring, pool)?;
+            let done = self.process(vring, pool);
+            if !event_idx {
+                return done;
+            }
             // With EVENT_IDX, re-enabling notifications tells us whether the
             // driver added buffers meanwhile; without it a kick will come.
-            if !event_idx || !vring.enable_notification()? {
+            // Re-enabled even after a failure: with a stale avail_event the
+            // driver would never kick a repaired ring.
+            let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+            done?;
+            if !more? {
                 return Ok(());
             }
         }
     }
 
-    fn process(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), virtio_queue::Error> {
+    fn process(&self, vring: &Vring, pool: &mut BufPool) -> Result<(), Stall> {
         let mem = self.mem.memory();
-        let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone())?.collect();
-        if chains.is_empty() {
+        let (table, heads) = {
+            let mut st = vring.get_mut();
+            let q = st.get_queue_mut();
+            check_rings(&*mem, q)?;
+            let table = DescTable {
+                addr: GuestAddress(q.desc_table()),
+                size: q.size(),
+            };
+            let heads: Vec<u16> = q.iter(&*mem)?.map(|c| c.head_index()).collect();
+            (table, heads)
+        };
+        if heads.is_empty() {
             return Ok(());
         }
         let limits = *self.disk.limits();
-        let powered = self.power.as_ref().map_or(true, |p| p.is_on());
-        let parsed = chains
+        let parsed = heads
             .into_iter()
-            .map(|c| {
-                let r = Request::parse(c, &limits);
-                if powered {
-                    r
-                } else {
-                    r.and_then(|r| Err(lost_power(r)))
-                }
-            })
+            .map(|head| Request::parse(&*mem, table, head, &limits))
             .collect();
+        // In avail order, and added to the used ring in that order.
         let used = self.disk.run(&*mem, parsed, self.write_through(), pool);
-        for u in used {
-            vring.add_used(u.head, u.len)?;
+        for (addr, len) in guestmem::newly_poisoned(&mem) {
+            log::error!(
+                "guest memory {:#x}+{len:#x} faulted: the file behind it shrank; requests \
+                 touching it fail until the front-end sends a new memory table",
+                addr.0
+            );
         }
-        if vring.needs_notification()? {
-            if let Err(e) = vring.signal_used_queue() {
+
+        let mut st = vring.get_mut();
+        let q = st.get_queue_mut();
+        let mut added = 0usize;
+        let mut stall = None;
+        // Every request that ran is completed, whatever happens to the
+        // others: one failed add_used must not lose the rest of the batch.
+        for u in used {
+            // A head past the table has no used-ring identity; its refusal
+            // was logged when it was parsed.
+            if u.head >= table.size {
+                continue;
+            }
+            match q.add_used(&*mem, u.head, u.len) {
+                Ok(()) => added += 1,
+                Err(e) => {
+                    stall.get_or_insert(e);
+                }
+            }
+        }
+        if added > 0 && q.needs_notification(&*mem)? {
+            if let Err(e) = st.signal_used_queue() {
                 self.disk.warn(format_args!("cannot signal the guest: {e}"));
             }
         }
-        Ok(())
+        match stall {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }
 
-/// The failure of a request to a disk whose simulated power was cut.
-fn lost_power(r: Request) -> ParseError {
-    ParseError {
-        head: r.head,
-        status: Some(r.status),
-        error: RequestError::Engine(EngineError::Io {
-            what: "serving a request",
-            source: std::sync::Arc::new(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the disk has lost power",
-            )),
-        }),
+/// The rings of `q` must lie in guest memory before anything touches them
+/// (virtio-queue would log every failed access, at the guest's pace).
+fn check_rings<M: GuestMemory + ?Sized>(mem: &M, q: &Queue) -> Result<(), Stall> {
+    let n = usize::from(q.size());
+    for (what, addr, len, access) in [
+        (
+            "descriptor table",
+            q.desc_table(),
+            16 * n,
+            Permissions::Read,
+        ),
+        (
+            "available ring",
+            q.avail_ring(),
+            6 + 2 * n,
+            Permissions::Read,
+        ),
+        ("used ring", q.used_ring(), 6 + 8 * n, Permissions::Write),
+    ] {
+        if !mem.check_range(GuestAddress(addr), len, access) {
+            return Err(Stall::Ring { what, addr, len });
+        }
     }
+    Ok(())
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -252,9 +330,28 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
-        // `self.mem` is the same GuestMemoryAtomic the handler updates.
-        Ok(())
+    /// `mem` is the handler's memory, which already holds the new table:
+    /// check it before the workers get it, and put the old one back if it
+    /// is refused (the handler then ends the connection and logs why).
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        let new = mem.memory();
+        let known = self.mem.memory();
+        match guestmem::register(&new).and_then(|()| guestmem::check_table(&new, &known)) {
+            Ok(()) => {
+                log::debug!("memory table of {} region(s)", new.num_regions());
+                self.mem
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .replace((*new).clone());
+                Ok(())
+            }
+            Err(e) => {
+                mem.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .replace((*known).clone());
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e))
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -286,7 +383,8 @@ impl VhostUserBackend for BlkBackend {
         // Wait for the batch in flight on this ring (GET_VRING_BASE must
         // not return while we still complete requests).
         if let Some(b) = self.busy.get(q) {
-            drop(b.lock().unwrap_or_else(PoisonError::into_inner));
+            // A ring set up again gets its stall logged again.
+            b.lock().unwrap_or_else(PoisonError::into_inner).stalled = None;
         }
         let bit = 1u64.checked_shl(queue_index).unwrap_or(0);
         let before = self.started.fetch_and(!bit, Ordering::AcqRel);
@@ -311,17 +409,33 @@ impl VhostUserBackend for BlkBackend {
         let Some(busy) = self.busy.get(thread_id) else {
             return Ok(());
         };
-        let mut pool = busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut worker = busy.lock().unwrap_or_else(PoisonError::into_inner);
         if self.closed.load(Ordering::Acquire) || !vring.get_ref().get_queue().ready() {
             return Ok(());
         }
         self.note_started(thread_id);
         // A broken ring is the guest's problem; returning an error here
-        // would end the worker thread for good.
-        if let Err(e) = self.drain(vring, &mut pool) {
-            self.disk.warn(format_args!(
-                "queue {thread_id}: cannot process the ring: {e}"
-            ));
+        // would end the worker thread for good. It stops the queue, so it
+        // is always logged — once, not at every kick the guest sends.
+        let Worker { pool, stalled } = &mut *worker;
+        match self.drain(vring, pool) {
+            Ok(()) => {
+                if stalled.take().is_some() {
+                    log::info!("queue {thread_id}: the ring works again");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if stalled.as_deref() == Some(why.as_str()) {
+                    log::debug!("queue {thread_id} is still stuck: {why}");
+                } else {
+                    log::error!(
+                        "queue {thread_id} is stuck: {why}; nothing more is served on it until \
+                         the driver repairs or resets the ring"
+                    );
+                    *stalled = Some(why);
+                }
+            }
         }
         Ok(())
     }
@@ -332,6 +446,9 @@ mod tests {
     use virtio_bindings::bindings::virtio_blk::{
         VIRTIO_BLK_F_RO, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
 
     use super::*;
@@ -348,7 +465,8 @@ mod tests {
         let (_data, disk) = mem_disk(readonly);
         let disk = Arc::new(disk);
         let gm = GuestMemoryAtomic::new(guest_memory());
-        let backend = BlkBackend::new(disk.clone(), 2, 256, gm.clone());
+        let backend = BlkBackend::new(disk.clone(), 2, 256);
+        backend.update_memory(gm.clone()).unwrap();
         let vring = Vring::new(gm.clone(), 256).unwrap();
         Fixture {
             disk,
@@ -382,6 +500,21 @@ mod tests {
             );
         }
 
+        /// Point queue 0 at `vq`'s rings and let the worker drain it.
+        fn run_ring(&self, vq: &MockSplitQueue<GuestMemoryMmap>) {
+            self.vring.set_queue_size(256);
+            self.vring
+                .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+                .unwrap();
+            self.vring.set_queue_next_avail(0);
+            self.vring.set_queue_next_used(0);
+            self.vring.set_queue_ready(true);
+            self.vring.set_enabled(true);
+            self.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+                .unwrap();
+        }
+
         fn sync_mode(&self) -> bool {
             self.disk.engine().sync_mode()
         }
@@ -405,6 +538,76 @@ mod tests {
             assert_eq!(status_byte(&mem, 0), 0);
             assert_eq!(read_buf(&mem, 0, 4096), vec![0x5a; 4096]);
         }
+    }
+
+    #[test]
+    fn completions_follow_the_avail_order_whatever_the_requests() {
+        // QEMU rewinds a ring to its used index when the back-end dies:
+        // that is only right if requests complete in avail order.
+        let f = fixture(false);
+        let mem = f.gm.memory();
+        for k in 0..10 {
+            fill_buf(&mem, k, 0x30 + k as u8, 8192);
+        }
+        let reqs = [
+            req(VIRTIO_BLK_T_OUT, 0, 8192),
+            req(VIRTIO_BLK_T_IN, 64, 4096),
+            req(VIRTIO_BLK_T_FLUSH, 0, 0),
+            req(2, 0, 0), // SCSI: unsupported
+            req(VIRTIO_BLK_T_OUT, 16, 4096),
+            req(VIRTIO_BLK_T_IN, BLOCKS * 8, 4096), // past the end
+            req(VIRTIO_BLK_T_IN, 128, 8192),
+            req(VIRTIO_BLK_T_OUT, 8, 1000), // not whole blocks
+            req(VIRTIO_BLK_T_FLUSH, 0, 0),
+        ];
+        let vq = MockSplitQueue::new(&*mem, 256);
+        let descs = descriptors(&mem, &reqs);
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        // Each chain starts where the previous one ended; after them, a
+        // malformed chain (a descriptor linked to itself).
+        let mut heads = Vec::new();
+        let mut next = 0u16;
+        for r in &reqs {
+            heads.push(next);
+            next += 2 + u16::from(r.len > 0);
+        }
+        let looped = RawDescriptor::from(SplitDescriptor::new(
+            hdr(9),
+            16,
+            VRING_DESC_F_NEXT as u16,
+            next,
+        ));
+        vq.desc_table().store(next, looped).unwrap();
+        heads.push(next);
+        // Made available in an order that is neither table nor type order.
+        let order: Vec<u16> = [6, 2, 9, 0, 7, 3, 8, 1, 5, 4]
+            .iter()
+            .map(|&k| heads[k])
+            .collect();
+        for (slot, h) in order.iter().enumerate() {
+            vq.avail()
+                .ring()
+                .ref_at(slot)
+                .unwrap()
+                .store(u16::to_le(*h));
+        }
+        vq.avail().idx().store(u16::to_le(order.len() as u16));
+        f.run_ring(&vq);
+
+        assert_eq!(f.vring.queue_used_idx().unwrap(), order.len() as u16);
+        let used: Vec<_> = (0..order.len())
+            .map(|n| vq.used().ring().ref_at(n).unwrap().load())
+            .collect();
+        assert_eq!(
+            used.iter().map(|u| u.id() as u16).collect::<Vec<_>>(),
+            order,
+            "used ring order is avail order"
+        );
+        let status: Vec<u8> = (0..9).map(|k| status_byte(&mem, k)).collect();
+        assert_eq!(status, [0, 0, 0, 2, 0, 1, 0, 1, 0]);
+        assert_eq!(used[2].len(), 0, "the malformed chain has no status");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! virtio-blk request parsing (virtio 1.2 §5.2.6).
 //!
-//! [`Request::parse`] checks everything a guest controls — descriptor
-//! directions, lengths, the status byte, sector ranges, guest addresses —
-//! before any I/O happens. Nothing here trusts the chain's layout: the
+//! [`Request::parse`] checks everything a guest controls — every link of
+//! the descriptor chain ([`chain::walk`]), descriptor directions, lengths,
+//! the status byte, sector ranges, guest addresses — before any I/O
+//! happens. A malformed chain is refused whole, never served as the part
+//! of it that looked valid. Nothing here trusts the chain's layout: the
 //! header is the first 16 device-readable bytes and the status is the last
 //! device-writable byte, however the driver split them into descriptors
 //! (VIRTIO_F_ANY_LAYOUT is implied by VERSION_1).
@@ -10,16 +12,15 @@
 //! [`status_of`] is the single place that maps a failure to the status byte
 //! the guest sees.
 
-use std::ops::Deref;
-
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::chain::{self, ChainError, Desc, DescTable};
+use super::guestmem;
 use crate::integrity::EngineError;
 
 /// virtio-blk addresses the disk in 512-byte sectors whatever the block size.
@@ -170,6 +171,15 @@ pub enum RequestError {
     UnsupportedType(u32),
     #[error("the disk is read-only")]
     ReadOnly,
+    #[error("the disk has stopped: {0}")]
+    Halted(&'static str),
+    #[error("malformed descriptor chain: {0}")]
+    Chain(#[from] ChainError),
+    #[error(
+        "guest memory {addr:#x}+{len} faulted: the file behind it shrank (requests touching \
+         that memory fail until a new memory table)"
+    )]
+    GuestFault { addr: u64, len: u64 },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -204,29 +214,24 @@ pub fn status_of(error: &RequestError) -> u8 {
 }
 
 impl Request {
-    /// Parse and validate one descriptor chain against `limits`.
-    pub fn parse<M>(chain: DescriptorChain<M>, limits: &Limits) -> Result<Request, ParseError>
-    where
-        M: Deref + Clone,
-        M::Target: GuestMemory,
-    {
-        let head = chain.head_index();
-        let mem = chain.memory();
-        let mut readable = Segments::new();
-        let mut writable = Segments::new();
-        let mut misordered = false;
-        for desc in chain.clone() {
-            let seg = Segment {
-                addr: desc.addr(),
-                len: desc.len(),
-            };
-            if desc.is_write_only() {
-                writable.push(seg);
-            } else {
-                misordered |= !writable.is_empty();
-                readable.push(seg);
+    /// Read, check and parse the descriptor chain at `head` of `table`.
+    pub fn parse<M: GuestMemory + ?Sized>(
+        mem: &M,
+        table: DescTable,
+        head: u16,
+        limits: &Limits,
+    ) -> Result<Request, ParseError> {
+        let descs = chain::walk(mem, table, head).map_err(|bad| {
+            // Report the error where the chain's status byte would be if
+            // it ended here: the last device-writable byte read.
+            let (_, mut writable, _) = split(&bad.prefix);
+            ParseError {
+                head,
+                status: take_status(mem, &mut writable),
+                error: bad.error.into(),
             }
-        }
+        })?;
+        let (readable, mut writable, misordered) = split(&descs);
         let status = take_status(mem, &mut writable).ok_or(ParseError {
             head,
             status: None,
@@ -245,6 +250,27 @@ impl Request {
         let kind = parse_body(mem, limits, readable, writable).map_err(fail)?;
         Ok(Request { head, kind, status })
     }
+}
+
+/// Device-readable and device-writable buffers in chain order, and whether
+/// a readable one came after a writable one.
+fn split(descs: &[Desc]) -> (Segments, Segments, bool) {
+    let mut readable = Segments::new();
+    let mut writable = Segments::new();
+    let mut misordered = false;
+    for d in descs {
+        let seg = Segment {
+            addr: d.addr,
+            len: d.len,
+        };
+        if d.is_write_only() {
+            writable.push(seg);
+        } else {
+            misordered |= !writable.is_empty();
+            readable.push(seg);
+        }
+    }
+    (readable, writable, misordered)
 }
 
 /// Split the status byte off the end of the device-writable buffers.
@@ -317,11 +343,8 @@ pub fn gather<M: GuestMemory + ?Sized>(
             break;
         }
         let n = (out.len() - off).min(s.len as usize);
-        mem.read_slice(&mut out[off..off + n], s.addr)
-            .map_err(|_| RequestError::GuestMemory {
-                addr: s.addr.raw_value(),
-                len: n as u64,
-            })?;
+        let buf = &mut out[off..off + n];
+        guest_copy(mem, s.addr, n, || mem.read_slice(buf, s.addr))?;
         off += n;
     }
     Ok(())
@@ -339,12 +362,63 @@ pub fn scatter<M: GuestMemory + ?Sized>(
             break;
         }
         let n = (data.len() - off).min(s.len as usize);
-        mem.write_slice(&data[off..off + n], s.addr)
-            .map_err(|_| RequestError::GuestMemory {
-                addr: s.addr.raw_value(),
-                len: n as u64,
-            })?;
+        let buf = &data[off..off + n];
+        guest_copy(mem, s.addr, n, || mem.write_slice(buf, s.addr))?;
         off += n;
+    }
+    Ok(())
+}
+
+/// Write the status byte. Unlike data, it is written even into memory
+/// that has faulted before: it costs nothing if it is lost, and the guest
+/// may still see it if its page survived.
+pub fn write_status<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    status: u8,
+) -> Result<(), RequestError> {
+    match guestmem::guarded(|| mem.write_slice(&[status], addr)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(RequestError::GuestMemory {
+            addr: addr.raw_value(),
+            len: 1,
+        }),
+        Err(guestmem::Fault) => Err(RequestError::GuestFault {
+            addr: addr.raw_value(),
+            len: 1,
+        }),
+    }
+}
+
+/// One copy of `len` bytes at `addr` (`copy`), failed if guest memory
+/// faults during it or had faulted before: either way, what it read or
+/// wrote is not the guest's memory any more.
+fn guest_copy<M: GuestMemory + ?Sized, E>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+    copy: impl FnOnce() -> Result<(), E>,
+) -> Result<(), RequestError> {
+    let fault = RequestError::GuestFault {
+        addr: addr.raw_value(),
+        len: len as u64,
+    };
+    if guestmem::poisoned(mem, addr, len) {
+        return Err(fault);
+    }
+    match guestmem::guarded(copy) {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            return Err(RequestError::GuestMemory {
+                addr: addr.raw_value(),
+                len: len as u64,
+            })
+        }
+        Err(guestmem::Fault) => return Err(fault),
+    }
+    // Another thread's fault may have replaced a page under this copy.
+    if guestmem::poisoned(mem, addr, len) {
+        return Err(fault);
     }
     Ok(())
 }
@@ -490,7 +564,9 @@ fn parse_segments<M: GuestMemory + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -537,6 +613,7 @@ mod tests {
         ))
     }
 
+    /// Parse `descs` as one chain at the start of a 16-entry table.
     fn parse(
         m: &GuestMemoryMmap,
         descs: &[RawDescriptor],
@@ -544,7 +621,14 @@ mod tests {
     ) -> Result<Request, ParseError> {
         let vq = MockSplitQueue::new(m, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
-        Request::parse(chain, l)
+        Request::parse(m, table_of(&vq), chain.head_index(), l)
+    }
+
+    fn table_of(vq: &MockSplitQueue<GuestMemoryMmap>) -> DescTable {
+        DescTable {
+            addr: vq.desc_table_addr(),
+            size: 16,
+        }
     }
 
     fn parse_err(m: &GuestMemoryMmap, descs: &[RawDescriptor], l: &Limits) -> ParseError {
@@ -845,6 +929,222 @@ mod tests {
                 "{len}: {e:?}"
             );
         }
+    }
+
+    /// Put `table` entries in a 16-entry descriptor table, make `head` the
+    /// only available chain, and parse it.
+    fn parse_table(
+        m: &GuestMemoryMmap,
+        table: &[(u16, RawDescriptor)],
+        head: u16,
+    ) -> Result<Request, ParseError> {
+        let vq = MockSplitQueue::new(m, 16);
+        for &(i, d) in table {
+            vq.desc_table().store(i, d).unwrap();
+        }
+        Request::parse(m, table_of(&vq), head, &limits(512))
+    }
+
+    /// `d` linked to `next`.
+    fn link(d: RawDescriptor, next: u16) -> RawDescriptor {
+        let d = SplitDescriptor::from(d);
+        RawDescriptor::from(SplitDescriptor::new(
+            d.addr().0,
+            d.len(),
+            d.flags() | VRING_DESC_F_NEXT as u16,
+            next,
+        ))
+    }
+
+    fn indirect(addr: u64, entries: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            entries * 16,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ))
+    }
+
+    /// Write `entries` as an indirect table at `at`.
+    fn indirect_table(m: &GuestMemoryMmap, at: u64, entries: &[RawDescriptor]) {
+        for (i, d) in entries.iter().enumerate() {
+            m.write_obj(*d, GuestAddress(at + 16 * i as u64)).unwrap();
+        }
+    }
+
+    /// The chain was refused as malformed, never parsed as its prefix.
+    fn assert_malformed(r: Result<Request, ParseError>, what: &str) -> ParseError {
+        match r {
+            Ok(r) => panic!("{what}: parsed as {r:?}"),
+            Err(e) => {
+                assert!(
+                    matches!(e.error, RequestError::Chain(_)),
+                    "{what}: refused for another reason: {e:?}"
+                );
+                assert_eq!(status_of(&e.error), VIRTIO_BLK_S_IOERR as u8);
+                e
+            }
+        }
+    }
+
+    const TABLE: u64 = 0x40_0000;
+
+    #[test]
+    fn a_descriptor_that_links_to_itself_is_malformed() {
+        // A valid write, then a zero-length descriptor looping on itself:
+        // the prefix the ring iterator gives up on is a valid request.
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let e = assert_malformed(
+            parse_table(
+                &m,
+                &[
+                    (0, link(rd(HDR, 16), 1)),
+                    (1, link(rd(DATA, 512), 2)),
+                    (2, link(wr(STATUS, 1), 3)),
+                    (3, link(wr(STATUS, 0), 3)),
+                ],
+                0,
+            ),
+            "self loop",
+        );
+        assert_eq!(e.status, Some(GuestAddress(STATUS)), "IOERR can be written");
+    }
+
+    #[test]
+    fn a_loop_back_to_an_earlier_descriptor_is_malformed() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        assert_malformed(
+            parse_table(
+                &m,
+                &[
+                    (0, link(rd(HDR, 16), 1)),
+                    (1, link(wr(STATUS, 1), 2)),
+                    (2, link(wr(STATUS, 0), 1)),
+                ],
+                0,
+            ),
+            "loop to an earlier descriptor",
+        );
+    }
+
+    #[test]
+    fn a_loop_inside_an_indirect_table_is_malformed() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        indirect_table(
+            &m,
+            TABLE,
+            &[
+                link(rd(HDR, 16), 1),
+                link(rd(DATA, 512), 2),
+                link(wr(STATUS, 1), 3),
+                link(wr(STATUS, 0), 3),
+            ],
+        );
+        assert_malformed(
+            parse_table(&m, &[(5, indirect(TABLE, 4))], 5),
+            "loop in an indirect table",
+        );
+    }
+
+    #[test]
+    fn a_chain_longer_than_the_queue_is_malformed() {
+        // Every one of the 16 descriptors once, and the last still wants
+        // more: a cycle through the whole table.
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let mut table = vec![(0, link(rd(HDR, 16), 1)), (1, link(wr(STATUS, 1), 2))];
+        for i in 2..16 {
+            table.push((i, link(wr(STATUS, 0), if i == 15 { 2 } else { i + 1 })));
+        }
+        assert_malformed(parse_table(&m, &table, 0), "17 links in a 16-entry table");
+    }
+
+    #[test]
+    fn a_next_past_the_table_is_malformed() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let e = assert_malformed(
+            parse_table(
+                &m,
+                &[
+                    (0, link(rd(HDR, 16), 1)),
+                    (1, link(rd(DATA, 512), 2)),
+                    (2, link(wr(STATUS, 1), 16)),
+                ],
+                0,
+            ),
+            "next = 16 in a 16-entry table",
+        );
+        assert_eq!(e.status, Some(GuestAddress(STATUS)));
+        // The same inside an indirect table of 3 entries.
+        indirect_table(
+            &m,
+            TABLE,
+            &[
+                link(rd(HDR, 16), 1),
+                link(rd(DATA, 512), 2),
+                link(wr(STATUS, 1), 3),
+            ],
+        );
+        assert_malformed(
+            parse_table(&m, &[(0, indirect(TABLE, 3))], 0),
+            "next = 3 in a 3-entry indirect table",
+        );
+    }
+
+    #[test]
+    fn a_nested_indirect_descriptor_is_malformed() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        indirect_table(&m, TABLE + 0x1000, &[wr(STATUS, 0)]);
+        indirect_table(
+            &m,
+            TABLE,
+            &[
+                link(rd(HDR, 16), 1),
+                link(rd(DATA, 512), 2),
+                link(wr(STATUS, 1), 3),
+                indirect(TABLE + 0x1000, 1),
+            ],
+        );
+        assert_malformed(
+            parse_table(&m, &[(0, indirect(TABLE, 4))], 0),
+            "indirect inside indirect",
+        );
+    }
+
+    #[test]
+    fn an_indirect_table_past_the_end_of_memory_is_malformed() {
+        // Four entries, the last one past the end of guest memory.
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let at = MEM_SIZE - 48;
+        indirect_table(
+            &m,
+            at,
+            &[
+                link(rd(HDR, 16), 1),
+                link(rd(DATA, 512), 2),
+                link(wr(STATUS, 1), 3),
+            ],
+        );
+        assert_malformed(
+            parse_table(&m, &[(0, indirect(at, 4))], 0),
+            "a chain running off the end of memory",
+        );
+        // Even when the chain itself ends before the end of memory.
+        indirect_table(
+            &m,
+            at,
+            &[link(rd(HDR, 16), 1), link(rd(DATA, 512), 2), wr(STATUS, 1)],
+        );
+        assert_malformed(
+            parse_table(&m, &[(0, indirect(at, 4))], 0),
+            "a table straddling the end of memory",
+        );
     }
 
     #[test]

@@ -7,12 +7,16 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::chain::DescTable;
 use super::config;
 use super::execute::Disk;
+use super::request::{Limits, ParseError, Request};
 use crate::integrity::{Engine, EngineOptions};
-use crate::io::volatile::MemDevice;
+use crate::io::MemDevice;
 use crate::meta::{meta_len, DeviceRef, Metadata, Superblock};
 
 pub const BS: u32 = 4096;
@@ -131,4 +135,22 @@ pub fn read_buf(mem: &GuestMemoryMmap, k: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
     mem.read_slice(&mut v, GuestAddress(buf(k))).unwrap();
     v
+}
+
+/// Drain the mock queue's available ring and parse every chain on it.
+pub fn parse_ring(
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    limits: &Limits,
+) -> Vec<Result<Request, ParseError>> {
+    let mut q: Queue = vq.create_queue().unwrap();
+    let table = DescTable {
+        addr: GuestAddress(q.desc_table()),
+        size: q.size(),
+    };
+    let heads: Vec<u16> = q.iter(mem).unwrap().map(|c| c.head_index()).collect();
+    heads
+        .into_iter()
+        .map(|h| Request::parse(mem, table, h, limits))
+        .collect()
 }

@@ -11,14 +11,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use twinsum::integrity::{Engine, EngineError, EngineOptions};
-use twinsum::io::volatile::Fuse;
+use twinsum::io::volatile::testing::{FaultInjection, Fuse};
 
 use crate::device::TestDevice;
 use crate::figures::Figures;
 use crate::model::{FlushRec, History, Possible, WriteRec};
 use crate::support::{
-    catching, env_u64, formatted_meta, fresh_content, key_for, spec_writes, submit, tag, Content,
-    Outcome, Spec, DEFAULT_SEEDS,
+    catching, env_u64, formatted_meta, fresh_content, key_for, log_for, log_start, spec_writes,
+    submit, tag, Content, Outcome, Spec, DEFAULT_SEEDS,
 };
 
 /// The interleaving is up to the scheduler, so a failing seed may need
@@ -65,7 +65,8 @@ fn concurrent_crash_model() {
     let cases = (seeds.len() * repeat) as u64;
     figures.require_every_case_ran(cases);
     // Per 1,000 cases; from half to four fifths of what the seeds reach
-    // (the counts of crashes and keyed cases hardly vary). A replay
+    // (the counts of crashes, keyed cases and cases with a metadata log
+    // hardly vary: the last two are chosen from the seed, so nine tenths). A replay
     // of one seed is judged by its checks alone.
     if repeat == 1 && cases >= 200 {
         let f = &figures;
@@ -83,6 +84,13 @@ fn concurrent_crash_model() {
                 ),
                 ("reads checked live", &f.reads_checked, 20_000),
                 ("keyed cases", &f.keyed_cases, 200),
+                ("cases with a metadata log", &f.logged_cases, 600),
+                ("replayed log records", &f.log_records_replayed, 2_000),
+                (
+                    "power cuts after a checkpoint taken while running",
+                    &f.checkpoints_survived,
+                    700,
+                ),
             ],
         );
     }
@@ -123,11 +131,11 @@ impl<'f> ConcurrentCase<'f> {
         }
         opts.write_cache = !rng.gen_ratio(1, 4);
         let salt = rng.gen();
-        let meta_img = formatted_meta(bs, blocks, salt, false, opts.key.as_ref())?;
+        let meta_img = formatted_meta(bs, blocks, salt, false, opts.key.as_ref(), log_for(seed))?;
         let zeros: Content = vec![0u8; bs].into();
         let rounds = rng.gen_range(1..=4);
         if verbose {
-            eprintln!("[concurrent {seed}] {blocks} blocks of {bs}, {threads} threads, {rounds} rounds, pending_limit {}", opts.pending_limit);
+            eprintln!("[concurrent {seed}] {blocks} blocks of {bs}, metadata log {:?}, {threads} threads, {rounds} rounds, pending_limit {}", log_for(seed), opts.pending_limit);
         }
         Ok(Self {
             seed,
@@ -154,6 +162,9 @@ impl<'f> ConcurrentCase<'f> {
         if self.opts.key.is_some() {
             Figures::add(&self.figures.keyed_cases, 1);
         }
+        if log_for(self.seed).is_some() {
+            Figures::add(&self.figures.logged_cases, 1);
+        }
         Ok(())
     }
 
@@ -166,6 +177,11 @@ impl<'f> ConcurrentCase<'f> {
         let meta = TestDevice::image(meta_img, Some(&fuse));
         let engine = Engine::open(data.clone(), meta.clone(), self.opts.clone())
             .map_err(|e| format!("open in round {round}: {e}"))?;
+        Figures::add(
+            &self.figures.log_records_replayed,
+            engine.replayed().log_records,
+        );
+        let opened_log_start = meta.log_start()?;
         if self.rng.gen_bool(0.6) {
             fuse.arm(self.rng.gen_range(0..150));
         }
@@ -185,6 +201,10 @@ impl<'f> ConcurrentCase<'f> {
             data.durable_snapshot().map_err(|e| e.to_string())?,
             meta.durable_snapshot().map_err(|e| e.to_string())?,
         );
+        let survived = log_start(&self.images.1)?;
+        if matches!((survived, opened_log_start), (Some(s), Some(o)) if s > o) {
+            Figures::add(&self.figures.checkpoints_survived, 1);
+        }
         self.judge_round(round, history)
     }
 

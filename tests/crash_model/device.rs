@@ -13,8 +13,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use twinsum::io::volatile::{Fuse, VolatileDevice};
+use twinsum::io::volatile::testing::{FaultInjection, Fuse};
+use twinsum::io::volatile::VolatileDevice;
 use twinsum::io::Device;
+use twinsum::meta::SUPERBLOCK_SIZE;
+
+use crate::support::log_start;
 
 /// A call [`TestDevice::hold_next`] can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,16 @@ impl TestDevice {
     /// now: its durable image.
     pub fn survivor(&self, fuse: Option<&Arc<Fuse>>) -> io::Result<Arc<Self>> {
         Ok(Self::image(self.durable_snapshot()?, fuse))
+    }
+
+    /// Where replay of the metadata log starts now on this metadata
+    /// device (`None`: no log).
+    pub fn log_start(&self) -> Result<Option<u64>, String> {
+        let mut sb = vec![0u8; SUPERBLOCK_SIZE];
+        self.volatile
+            .read_at(&mut sb, 0)
+            .map_err(|e| e.to_string())?;
+        log_start(&sb)
     }
 
     /// Hold the next call of kind `call` until [`release`](Self::release).
@@ -148,6 +162,12 @@ impl Device for TestDevice {
     fn sync(&self) -> io::Result<()> {
         self.maybe_hold(Call::Sync);
         self.volatile.sync()
+    }
+    // The volatile device's own: it makes only this range durable (the
+    // default would sync everything), and a power cut may fall between
+    // its write and its range sync.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.volatile.write_durable(buf, offset)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.maybe_hold(Call::ZeroRange);

@@ -11,12 +11,12 @@ use rand::{Rng, SeedableRng};
 
 use twinsum::integrity::hash::Checksum;
 use twinsum::integrity::{Engine, EngineError, EngineOptions};
-use twinsum::io::volatile::Fuse;
+use twinsum::io::volatile::testing::{FaultInjection, Fuse};
 use twinsum::io::Device;
 use twinsum::meta::{Superblock, PAIR_SIZE, TABLE_OFFSET};
 
 use crate::device::TestDevice;
-use crate::support::{formatted_meta, fresh_content, key_for, tag, Content, SECTOR};
+use crate::support::{formatted_meta, fresh_content, key_for, log_for, tag, Content, SECTOR};
 
 /// A formatted disk with every block written (some with zeros), flushed
 /// and its metadata written back: every pair on disk is current, so every
@@ -48,7 +48,8 @@ impl Rig {
             key: key_for(seed),
             ..EngineOptions::default()
         };
-        let meta_img = formatted_meta(bs, blocks, salt, false, opts.key.as_ref()).unwrap();
+        let meta_img =
+            formatted_meta(bs, blocks, salt, false, opts.key.as_ref(), log_for(seed)).unwrap();
         let fuse = Arc::new(Fuse::new());
         let meta = TestDevice::image(meta_img, Some(&fuse));
         let data = TestDevice::zeroed(blocks * bs as u64, Some(&fuse));
@@ -119,9 +120,13 @@ impl Rig {
         self.meta = meta;
     }
 
-    /// Wait until block `b` holds its content on the data device: damage
-    /// injected before that would simply be overwritten.
+    /// Wait until block `b` holds its content on the data device: an
+    /// engine may complete a write before issuing it (a write-back stage),
+    /// and damage injected before that would simply be overwritten.
     fn landed(&self, b: u64) {
+        // Out of the stage too: a read serves a staged write from there,
+        // and would not see damage done to the device under it.
+        self.engine.drain();
         assert!(
             self.data.wait_until_holds(
                 b * self.bs as u64,

@@ -26,6 +26,16 @@ pub struct Figures {
     /// Completed writes that a restarted engine replayed from the stage.
     pub replayed_writes: AtomicU64,
     pub blocks_checked_after_death: AtomicU64,
+    /// Cases on metadata with a log (format version 2).
+    pub logged_cases: AtomicU64,
+    /// Metadata log records an engine replayed over the pair table at open.
+    pub log_records_replayed: AtomicU64,
+    /// Power cuts whose surviving metadata starts replay from a later
+    /// checkpoint than the one the engine was opened on: a checkpoint
+    /// taken while running (log half full, a full log committing a round,
+    /// a write-back or clean stop) was durable, and replay after it starts
+    /// from the moved tail.
+    pub checkpoints_survived: AtomicU64,
 }
 
 impl Figures {
@@ -41,9 +51,10 @@ impl Figures {
     pub fn report(&self, label: &str, elapsed: Duration) {
         let f = self;
         eprintln!(
-            "{label}crash model: {} cases ({} keyed, {} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
+            "{label}crash model: {} cases ({} keyed, {} with a metadata log, {} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} metadata log records replayed, {} power cuts after a checkpoint taken while running, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
             Self::get(&f.cases),
             Self::get(&f.keyed_cases),
+            Self::get(&f.logged_cases),
             Self::get(&f.failed_cases),
             Self::get(&f.crashes) + Self::get(&f.process_deaths),
             Self::get(&f.crashes),
@@ -51,6 +62,8 @@ impl Figures {
             Self::get(&f.deaths_in_replay),
             Self::get(&f.mid_op_crashes),
             Self::get(&f.replayed_writes),
+            Self::get(&f.log_records_replayed),
+            Self::get(&f.checkpoints_survived),
             Self::get(&f.blocks_checked),
             Self::get(&f.blocks_checked_after_death),
             Self::get(&f.reads_checked),
@@ -62,10 +75,11 @@ impl Figures {
     }
 
     /// Every one of `cases` ran to its end and passed: none skipped by the
-    /// runner, none counted twice.
+    /// runner, none counted twice, and no false mismatch anywhere.
     pub fn require_every_case_ran(&self, cases: u64) {
         let passed = Self::get(&self.cases);
         assert_eq!(passed, cases, "{passed} cases passed of {cases} run");
+        assert_eq!(Self::get(&self.false_mismatches), 0, "false mismatches");
     }
 
     /// Require each `(what, counter, least)`, where `least` is what `per`

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use twinsum::integrity::{Engine, EngineOptions};
-use twinsum::io::volatile::Fuse;
+use twinsum::io::volatile::testing::{FaultInjection, Fuse};
 
 use crate::device::{Call, TestDevice};
 use crate::support::{env_u64, formatted_meta, fresh_content, tag, Content};
@@ -24,7 +24,7 @@ fn discard_in_flight_racing_a_write_and_flush_of_the_same_block() {
         let blocks = 8u64;
         let fuse = Arc::new(Fuse::new());
         let meta = TestDevice::image(
-            formatted_meta(bs, blocks, 7, false, None).unwrap(),
+            formatted_meta(bs, blocks, 7, false, None, None).unwrap(),
             Some(&fuse),
         );
         let data = TestDevice::zeroed(blocks * bs as u64, Some(&fuse));
@@ -90,7 +90,10 @@ fn reads_racing_writes_and_flushes_never_mismatch() {
     let millis = env_u64("TWINSUM_RACE_MILLIS").unwrap_or(1000);
     for bs in [512usize, 4096] {
         let blocks = 4u64;
-        let meta = TestDevice::image(formatted_meta(bs, blocks, 11, false, None).unwrap(), None);
+        let meta = TestDevice::image(
+            formatted_meta(bs, blocks, 11, false, None, None).unwrap(),
+            None,
+        );
         let data = TestDevice::zeroed(blocks * bs as u64, None);
         let engine = Engine::open(data, meta, EngineOptions::default()).unwrap();
         let stop = AtomicBool::new(false);
@@ -206,7 +209,7 @@ fn flush_race_judged() -> bool {
     let (bs, blocks) = (512usize, 8u64);
     let fuse = Arc::new(Fuse::new());
     let meta = TestDevice::image(
-        formatted_meta(bs, blocks, 3, false, None).unwrap(),
+        formatted_meta(bs, blocks, 3, false, None, None).unwrap(),
         Some(&fuse),
     );
     let data = TestDevice::zeroed(blocks * bs as u64, Some(&fuse));

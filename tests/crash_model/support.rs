@@ -6,9 +6,10 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
 use twinsum::integrity::{Engine, EngineError, Op};
+use twinsum::io::volatile::testing::FaultInjection;
 use twinsum::io::volatile::{VolatileDevice, SECTOR_SIZE};
 use twinsum::key::Key;
-use twinsum::meta::{meta_len, Metadata, Superblock, HASH_BLAKE3_KEYED};
+use twinsum::meta::{Metadata, Superblock, HASH_BLAKE3_KEYED, MIN_LOG_SIZE, SUPERBLOCK_SIZE};
 
 pub const SECTOR: usize = SECTOR_SIZE as usize;
 /// Seeds of `crash_model` unless `TWINSUM_CRASH_SEEDS` says otherwise.
@@ -27,24 +28,53 @@ pub fn key_for(seed: u64) -> Option<Key> {
     (seed % 4 == 1).then(|| Key::from_bytes(&seed.to_le_bytes().repeat(4)).unwrap())
 }
 
+/// The metadata log of seed `seed`'s disk: two seeds in three have one
+/// (format version 2), small so that it wraps and fills (a checkpoint then
+/// commits the round); the third has version 1 metadata, without a log.
+/// Chosen from the seed, like the key, so the seeds' draws stay as they
+/// were.
+pub fn log_for(seed: u64) -> Option<u64> {
+    match seed % 3 {
+        0 => None,
+        1 => Some(MIN_LOG_SIZE),
+        _ => Some(4 * MIN_LOG_SIZE),
+    }
+}
+
 /// The durable image of metadata formatted for `blocks` blocks of `bs`
-/// bytes, keyed if `key` is.
+/// bytes, keyed if `key` is, with a metadata log of `log` bytes if given
+/// (version 2) or none (version 1).
 pub fn formatted_meta(
     bs: usize,
     blocks: u64,
     salt: u64,
     clean: bool,
     key: Option<&Key>,
+    log: Option<u64>,
 ) -> Result<Vec<u8>, String> {
-    let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
     let mut sb = Superblock::new(bs as u32, blocks * bs as u64, salt).map_err(|e| e.to_string())?;
+    if let Some(size) = log {
+        sb = sb.with_log(size);
+    }
     sb.clean = clean;
     if key.is_some() {
         sb.hash_id = HASH_BLAKE3_KEYED;
     }
+    let meta = Arc::new(VolatileDevice::zeroed(sb.meta_len()));
     // `create` syncs: the durable image is the formatted metadata.
     Metadata::create_with(meta.clone(), sb, 4, key).map_err(|e| format!("format: {e}"))?;
     meta.durable_snapshot().map_err(|e| e.to_string())
+}
+
+/// The sequence number replay of the metadata log starts from in the
+/// metadata image `meta` (each checkpoint that covers new records moves
+/// it on), or `None` for metadata without a log.
+pub fn log_start(meta: &[u8]) -> Result<Option<u64>, String> {
+    let sector = meta
+        .get(..SUPERBLOCK_SIZE)
+        .ok_or("metadata shorter than a superblock")?;
+    let sb = Superblock::decode_unverified(sector).map_err(|e| format!("superblock: {e}"))?;
+    Ok(sb.has_log().then_some(sb.log_seq))
 }
 
 /// Fill one sector of a fresh content: the case seed and write id in the

@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 
 use twinsum::integrity::hash::Checksum;
 use twinsum::integrity::{Engine, EngineError, EngineOptions, StageConfig};
-use twinsum::io::volatile::{Fuse, FusedRegion, PowerCutReport, VolatileDevice};
+use twinsum::io::volatile::testing::{FaultInjection, Fuse, FusedRegion};
+use twinsum::io::volatile::{PowerCutReport, VolatileDevice};
 use twinsum::io::Region;
 use twinsum::stage::{MIN_CAPACITY, RING_START};
 
@@ -21,8 +22,8 @@ use crate::device::TestDevice;
 use crate::figures::Figures;
 use crate::model::BlockModel;
 use crate::support::{
-    catching, env_u64, fill_sector, formatted_meta, fresh_content, key_for, spec_writes, submit,
-    Content, Outcome, Spec, DEFAULT_SEEDS, SECTOR,
+    catching, env_u64, fill_sector, formatted_meta, fresh_content, key_for, log_for, log_start,
+    spec_writes, submit, Content, Outcome, Spec, DEFAULT_SEEDS, SECTOR,
 };
 
 /// A non-batch step.
@@ -142,6 +143,8 @@ struct Case<'f> {
     /// What the batch running when the process died wrote, per block: a
     /// read after the restart may see any of it.
     dying: Vec<(u64, Content)>,
+    /// Where log replay started when the engine of this round opened.
+    opened_log_start: Option<u64>,
     figures: &'f Figures,
 }
 
@@ -198,6 +201,7 @@ impl<'f> Case<'f> {
             next_id: 1,
             meta: None,
             dying: Vec::new(),
+            opened_log_start: None,
             figures,
             rng,
         }
@@ -209,10 +213,11 @@ impl<'f> Case<'f> {
         let crashes = self.rng.gen_range(1..=5);
         trace!(
             self,
-            "geometry: {} blocks of {} bytes, {}, pending_limit {}, cache_pages {}, write_cache {}, hot {:?}, {} crashes",
+            "geometry: {} blocks of {} bytes, {}, metadata log {:?}, pending_limit {}, cache_pages {}, write_cache {}, hot {:?}, {} crashes",
             self.blocks,
             self.bs,
             self.checksum().name(),
+            log_for(self.seed),
             self.opts.pending_limit,
             self.opts.cache_pages,
             self.opts.write_cache,
@@ -241,6 +246,9 @@ impl<'f> Case<'f> {
         Figures::add(&self.figures.cases, 1);
         if self.opts.key.is_some() {
             Figures::add(&self.figures.keyed_cases, 1);
+        }
+        if log_for(self.seed).is_some() {
+            Figures::add(&self.figures.logged_cases, 1);
         }
         Ok(())
     }
@@ -280,6 +288,15 @@ impl<'f> Case<'f> {
             }
             Crash::PowerCut => {
                 let (d, m) = self.power_cut(&host.data, &host.meta)?;
+                let survived = log_start(&m)?;
+                trace!(
+                    self,
+                    "log replay starts at record {survived:?} (at open: {:?})",
+                    self.opened_log_start
+                );
+                if matches!((survived, self.opened_log_start), (Some(s), Some(o)) if s > o) {
+                    Figures::add(&self.figures.checkpoints_survived, 1);
+                }
                 let keep_stage = self.rng.gen_bool(0.5);
                 host.reboot(d, m, keep_stage)
             }
@@ -315,7 +332,17 @@ impl<'f> Case<'f> {
             )
         })?;
         Figures::add(&self.figures.replayed_writes, engine.replayed().writes);
-        trace!(self, "opened; replayed {:?}", engine.replayed());
+        Figures::add(
+            &self.figures.log_records_replayed,
+            engine.replayed().log_records,
+        );
+        self.opened_log_start = host.meta.log_start()?;
+        trace!(
+            self,
+            "opened; replayed {:?}; log replay from {:?}",
+            engine.replayed(),
+            self.opened_log_start
+        );
         Ok(engine)
     }
 
@@ -337,6 +364,7 @@ impl<'f> Case<'f> {
             self.salt,
             clean,
             self.opts.key.as_ref(),
+            log_for(self.seed),
         )?;
         Ok((vec![0; size as usize], meta_img))
     }
@@ -697,7 +725,8 @@ fn crash_model() {
     }
     figures.require_every_case_ran(seeds);
     // Per 10,000 seeds; from half to four fifths of what the seeds reach
-    // (the counts of crashes and keyed cases hardly vary).
+    // (the counts of crashes, keyed cases and cases with a metadata log
+    // hardly vary: the last two are chosen from the seed, so nine tenths).
     if seeds >= 1000 {
         let f = &figures;
         figures.require_at_least(
@@ -711,6 +740,12 @@ fn crash_model() {
                 ("process deaths", &f.process_deaths, 5_000),
                 ("deaths during replay", &f.deaths_in_replay, 300),
                 ("replayed writes", &f.replayed_writes, 2_000),
+                ("replayed log records", &f.log_records_replayed, 30_000),
+                (
+                    "power cuts after a checkpoint taken while running",
+                    &f.checkpoints_survived,
+                    0,
+                ),
                 (
                     "blocks checked after a power cut",
                     &f.blocks_checked,
@@ -723,6 +758,7 @@ fn crash_model() {
                 ),
                 ("reads checked live", &f.reads_checked, 150_000),
                 ("keyed cases", &f.keyed_cases, 2_000),
+                ("cases with a metadata log", &f.logged_cases, 6_000),
             ],
         );
     }
