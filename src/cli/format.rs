@@ -105,7 +105,9 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     // seconds of commit rounds between checkpoints on any disk, and no
     // more than the table itself on a small one.
     let log_size = cfg.log_size.unwrap_or_else(|| {
-        (blocks * 16).next_multiple_of(1 << 20).clamp(1 << 20, 16 << 20)
+        (blocks * 16)
+            .next_multiple_of(1 << 20)
+            .clamp(1 << 20, 16 << 20)
     });
     let meta_dev = create_meta(&cfg.meta, meta_len(blocks) + log_size)?;
     let mut f = Formatter::create(
