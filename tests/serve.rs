@@ -518,7 +518,7 @@ fn version_1_metadata_is_served_and_stays_version_1() {
     let info = disk.info();
     assert_eq!(info["version"], 1, "still the first format");
     assert_eq!(info["clean"], true);
-    let check = common::twinsum(&["check", "--data", s(&disk.data), "--meta", s(&disk.meta)]);
+    let check = disk.check(&[]);
     assert_eq!(
         check.status.code(),
         Some(0),
