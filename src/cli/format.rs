@@ -262,7 +262,7 @@ fn check_size(size: u64, block_size: u32) -> anyhow::Result<()> {
     if size == 0 {
         bail!("the image size must not be zero");
     }
-    if size % u64::from(block_size) != 0 {
+    if !size.is_multiple_of(u64::from(block_size)) {
         bail!("{size} bytes is not a whole number of {block_size}-byte blocks");
     }
     Ok(())

@@ -87,7 +87,7 @@ impl PageBits {
     fn get(&self, page: u64) -> bool {
         self.0
             .get((page / 64) as usize)
-            .map_or(true, |w| w & (1 << (page % 64)) != 0)
+            .is_none_or(|w| w & (1 << (page % 64)) != 0)
     }
 
     fn set(&mut self, page: u64) {

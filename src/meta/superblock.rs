@@ -173,7 +173,7 @@ impl Superblock {
     pub fn new(block_size: u32, data_size: u64, salt: u64) -> Result<Self, SuperblockError> {
         check_block_size(block_size)?;
         let blocks = data_size / u64::from(block_size);
-        if data_size % u64::from(block_size) != 0 {
+        if !data_size.is_multiple_of(u64::from(block_size)) {
             return Err(SuperblockError::DataSize {
                 data_size,
                 blocks,
@@ -358,9 +358,9 @@ impl Superblock {
             let table_end = super::meta_len(blocks);
             let bad = sb.log_offset != table_end
                 || sb.log_size < MIN_LOG_SIZE
-                || sb.log_size % 4096 != 0
+                || !sb.log_size.is_multiple_of(4096)
                 || sb.log_pos >= sb.log_size
-                || sb.log_pos % 512 != 0;
+                || !sb.log_pos.is_multiple_of(512);
             if bad {
                 return Err(SuperblockError::Log {
                     offset: sb.log_offset,

@@ -549,7 +549,7 @@ fn decode_header(b: &[u8; 512]) -> Result<Header, StageError> {
         return Err(StageError::Version(version));
     }
     let capacity = get64(b, 48);
-    if capacity < MIN_CAPACITY || capacity % RECORD_HEADER != 0 {
+    if capacity < MIN_CAPACITY || !capacity.is_multiple_of(RECORD_HEADER) {
         return Err(StageError::TooSmall(RING_START + capacity));
     }
     let mut boot = [0u8; 16];
@@ -589,7 +589,7 @@ fn read_marker_of(region: &dyn Region) -> Result<Marker, StageError> {
             pos: get64(&b, 24),
             generation: get64(&b, 32),
         };
-        if best.map_or(true, |b| m.counter > b.counter) {
+        if best.is_none_or(|b| m.counter > b.counter) {
             best = Some(m);
         }
     }
