@@ -86,18 +86,21 @@ fn foreign_metadata() {
 
 #[test]
 fn truncated_table() {
-    let disk = Disk::new(MIB, BS);
-    let need = meta_len(MIB / BS);
+    // 16 pages of pairs, then the metadata log; the file ends inside the
+    // table, and the line names the whole length, log included.
+    let disk = Disk::new(16 * MIB, BS);
+    let table_end = meta_len(16 * MIB / BS);
+    let need = table_end + disk.info()["log_size"].as_u64().expect("log_size");
     assert_eq!(fs::metadata(&disk.meta).expect("meta").len(), need);
+    let cut = table_end - 8 * 4096;
     File::options()
         .write(true)
         .open(&disk.meta)
-        .and_then(|f| f.set_len(need - 4096))
+        .and_then(|f| f.set_len(cut))
         .expect("truncate");
     let want = format!(
-        "twinsum: cannot use metadata {}: metadata is truncated: {} bytes, it needs {need}",
+        "twinsum: cannot use metadata {}: metadata is truncated: {cut} bytes, it needs {need}",
         disk.meta.display(),
-        need - 4096
     );
     assert_eq!(refusal(disk.check(&[])), want);
     assert_eq!(refusal(twinsum(&["info", "--meta", s(&disk.meta)])), want);
