@@ -480,49 +480,35 @@ fn write_durable_is_durable_on_return(s: Subject) {
 
 // ---- the devices -----------------------------------------------------------
 
-/// `conformance! { name => subject; ... }`: one module per device, one test
-/// per check, each on a fresh subject.
+/// `checks!(subject; check, ...)`: one test per check, each on a fresh
+/// `subject`, calling the check of the same name.
+macro_rules! checks {
+    ($subject:expr; $($check:ident),* $(,)?) => {$(
+        #[test]
+        fn $check() {
+            super::$check($subject);
+        }
+    )*};
+}
+
+/// `conformance! { name => subject; ... }`: one module per device, with
+/// every check.
 macro_rules! conformance {
     ($($name:ident => $subject:expr;)*) => {$(
         mod $name {
             use super::*;
 
-            #[test]
-            fn size() {
-                super::size($subject);
-            }
-            #[test]
-            fn round_trip() {
-                super::round_trip($subject);
-            }
-            #[test]
-            fn out_of_range_is_refused() {
-                super::out_of_range_is_refused($subject);
-            }
-            #[test]
-            fn zero_range_reads_back_zeros() {
-                super::zero_range_reads_back_zeros($subject);
-            }
-            #[test]
-            fn next_data_never_hides_data() {
-                super::next_data_never_hides_data($subject);
-            }
-            #[test]
-            fn next_data_reports_what_the_device_knows() {
-                super::next_data_reports_what_the_device_knows($subject);
-            }
-            #[test]
-            fn sync_makes_writes_durable() {
-                super::sync_makes_writes_durable($subject);
-            }
-            #[test]
-            fn write_durable_round_trip() {
-                super::write_durable_round_trip($subject);
-            }
-            #[test]
-            fn write_durable_is_durable_on_return() {
-                super::write_durable_is_durable_on_return($subject);
-            }
+            checks!($subject;
+                size,
+                round_trip,
+                out_of_range_is_refused,
+                zero_range_reads_back_zeros,
+                next_data_never_hides_data,
+                next_data_reports_what_the_device_knows,
+                sync_makes_writes_durable,
+                write_durable_round_trip,
+                write_durable_is_durable_on_return,
+            );
         }
     )*};
 }
