@@ -526,3 +526,30 @@ fn version_1_metadata_is_served_and_stays_version_1() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// Metadata that cannot be used is reported as the metadata's fault, in
+/// one line, and the stage file this start made is not left in tmpfs.
+#[test]
+fn bad_metadata_is_refused_by_name_and_leaves_no_stage() {
+    let disk = Disk::new(MIB, 4096);
+    // A foreign superblock: the magic is gone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.meta)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"garbage!", 0))
+        .expect("overwrite the superblock");
+    let mut d = Daemon::spawn(&disk, &disk.socket, &[]);
+    assert_eq!(d.wait_exit().code(), Some(2));
+    let log = d.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not twinsum metadata"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(!errors[0].contains("stage"), "blamed on the stage: {log}");
+    assert!(
+        !disk.stage.exists(),
+        "stage {} left behind",
+        disk.stage.display()
+    );
+}

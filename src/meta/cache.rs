@@ -66,7 +66,7 @@ pub struct Metadata {
     cache: PageCache,
     /// Reused buffer for bulk reads and coalesced write-back.
     scratch: Vec<u8>,
-    /// Version 2: the metadata log in front of the table.
+    /// Version 2: the metadata log, a region after the table.
     log: Option<Log>,
     /// Pairs the log holds that the table may not: read before the table
     /// until [`Metadata::recover`] folds them into it (read-only users

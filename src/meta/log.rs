@@ -1,5 +1,5 @@
 //! The metadata log of format version 2: one sequential record per commit
-//! round in front of the pair table.
+//! round, in a region after the pair table.
 //!
 //! A commit round appends one record of every `(block, new, old)` it
 //! changes and makes just that record durable; the table pages it dirtied

@@ -84,7 +84,10 @@ pub enum StageError {
     Magic([u8; 8]),
     #[error("stage header checksum mismatch (stored {stored:#018x}, computed {computed:#018x})")]
     HeaderChecksum { stored: u64, computed: u64 },
-    #[error("stage version {0} is newer than this twinsum understands ({VERSION})")]
+    #[error(
+        "stage version {0} is {age} than this twinsum understands ({VERSION})",
+        age = if *.0 > VERSION { "newer" } else { "older" }
+    )]
     Version(u32),
     #[error("the stage is truncated: {have} bytes, its header needs {need}")]
     Truncated { have: u64, need: u64 },
