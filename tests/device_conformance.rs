@@ -120,6 +120,21 @@ impl Subject {
             .unwrap_or_else(|e| panic!("write of {offset}+{}: {e}", data.len()));
     }
 
+    /// The file behind the device, opened again once every handle on it
+    /// is closed, with the directory that holds it; `None` without a file.
+    fn reopened(self) -> Option<(tempfile::TempDir, Arc<dyn Device>)> {
+        let Self {
+            dev,
+            volatile,
+            file,
+            ..
+        } = self;
+        let (dir, path) = file?;
+        drop((dev, volatile));
+        let again = open_file(&path);
+        Some((dir, again))
+    }
+
     /// Every region `next_data` reports from 0 on, checked for shape.
     fn data_regions(&self) -> Vec<(u64, u64)> {
         let mut regions = Vec::new();
@@ -378,16 +393,8 @@ fn sync_makes_writes_durable(s: Subject) {
         s.dev.sync().expect("sync");
         assert!(s.read(4096, 8192) == data);
     }
-    let Subject {
-        dev,
-        volatile,
-        file,
-        ..
-    } = s;
-    if let Some((_dir, path)) = file {
+    if let Some((_dir, again)) = s.reopened() {
         // A file reopened after the sync holds the write.
-        drop((dev, volatile));
-        let again = open_file(&path);
         let mut buf = vec![0u8; 8192];
         again.read_at(&mut buf, 4096).expect("read");
         assert!(
@@ -456,17 +463,9 @@ fn write_durable_is_durable_on_return(s: Subject) {
             );
         }
     }
-    let Subject {
-        dev,
-        volatile,
-        file,
-        ..
-    } = s;
-    if let Some((_dir, path)) = file {
+    if let Some((_dir, again)) = s.reopened() {
         // The file itself holds each range, reopened (for a volatile cache
         // over a file: destaged to it, not only kept in the cache).
-        drop((dev, volatile));
-        let again = open_file(&path);
         for (&(offset, len), data) in ranges.iter().zip(&datas) {
             let mut buf = vec![0u8; len];
             again.read_at(&mut buf, offset).expect("read");
