@@ -21,7 +21,12 @@
 //! `TWINSUM_FUZZ_SEED` and `TWINSUM_FUZZ_CASES` set the run (`make fuzz`
 //! runs a long one); a failure prints both, which replay it.
 
-mod common;
+mod common {
+    pub mod content;
+    pub mod disk;
+    pub mod frontend;
+    pub mod run;
+}
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -33,8 +38,9 @@ use rand::{Rng, SeedableRng};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use common::content::pattern;
+use common::disk::{Daemon, Disk};
 use common::frontend::*;
-use common::{pattern, Daemon, Disk};
 
 const MIB: u64 = 1 << 20;
 const BS: u64 = 4096;
@@ -99,13 +105,7 @@ fn random_front_ends_never_get_a_bad_request_through() {
     eprintln!("front-end fuzz: {cases} cases, {stats:?}");
     let log = d.log();
     assert!(d.terminate().success(), "orderly stop:\n{}", tail(&log, 40));
-    let o = common::twinsum(&[
-        "check",
-        "--data",
-        common::s(&disk.data),
-        "--meta",
-        common::s(&disk.meta),
-    ]);
+    let o = disk.check(&[]);
     assert!(
         o.status.success(),
         "twinsum check after the fuzz (TWINSUM_FUZZ_SEED={seed:#x} TWINSUM_FUZZ_CASES={cases}): {}{}",
@@ -240,6 +240,12 @@ fn run_case(
 fn health_check(disk: &Disk, shadow: &mut [u8], allowed: &Allowed, case: u64) {
     let mut f = Front::connect(&disk.socket, &Options::default())
         .unwrap_or_else(|e| panic!("case {case}: cannot connect after the case: {e}"));
+    let size = std::fs::metadata(&disk.data).expect("image").len();
+    assert_eq!(
+        f.capacity().expect("config space"),
+        size,
+        "case {case}: capacity"
+    );
     let data = pattern(PROBE, 16384, case);
     assert_eq!(f.write(0, PROBE, &data), VIRTIO_BLK_S_OK, "probe write");
     assert_eq!(
@@ -395,7 +401,7 @@ fn requests_case(
             let wait = if garbage {
                 Duration::from_millis(20)
             } else {
-                common::DEADLINE
+                common::run::DEADLINE
             };
             used[q] = f.vqs[q].wait_used_for(&f.mem, expected[q], wait);
         }

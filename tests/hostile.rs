@@ -7,12 +7,19 @@
 //! The front-end is tests/common/frontend.rs: the vhost crate's protocol
 //! side over rings laid out by hand in a memfd.
 
-mod common;
+mod common {
+    pub mod content;
+    pub mod disk;
+    pub mod frontend;
+    pub mod run;
+}
 
 use std::time::Duration;
 
+use common::content::pattern;
+use common::disk::{Daemon, Disk};
 use common::frontend::*;
-use common::{pattern, poll, Daemon, Disk};
+use common::run::poll;
 
 const MIB: u64 = 1 << 20;
 
@@ -42,6 +49,8 @@ fn assert_alive(d: &mut Daemon) {
 /// A fresh, honest front-end writes and reads back.
 fn serves_a_good_write(disk: &Disk, offset: u64) {
     let mut f = Front::connect(&disk.socket, &Options::default()).expect("connect");
+    let size = std::fs::metadata(&disk.data).expect("image").len();
+    assert_eq!(f.capacity().expect("config space"), size, "capacity");
     let data = pattern(offset, 8192, 0x600d);
     assert_eq!(f.write(0, offset, &data), VIRTIO_BLK_S_OK);
     assert_eq!(f.read(0, offset, 8192), (VIRTIO_BLK_S_OK, data));
@@ -295,13 +304,7 @@ fn buffers_changed_in_flight_never_cause_a_later_mismatch() {
     drop(f);
     assert_alive(&mut d);
     assert!(d.terminate().success());
-    let o = common::twinsum(&[
-        "check",
-        "--data",
-        common::s(&disk.data),
-        "--meta",
-        common::s(&disk.meta),
-    ]);
+    let o = disk.check(&[]);
     assert!(
         o.status.success(),
         "check: {}",

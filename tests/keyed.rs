@@ -4,14 +4,22 @@
 //! rewritten with its pair recomputed the unkeyed way, and a superblock
 //! downgraded to unkeyed.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod content;
+    pub mod disk;
+    pub mod run;
+}
 
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{s, twinsum, Client, Daemon, Disk};
+use common::client::Client;
+use common::content::pattern;
+use common::disk::{twinsum, Daemon, Disk};
+use common::run::s;
 use twinsum::integrity::hash::Checksum;
 use twinsum::meta::{Superblock, PAIR_SIZE, SUPERBLOCK_SIZE, TABLE_OFFSET};
 use xxhash_rust::xxh3::xxh3_64;
@@ -50,18 +58,10 @@ fn keyed_disk() -> (Disk, PathBuf) {
 }
 
 fn check(disk: &Disk, key: Option<&Path>) -> Output {
-    let mut args = vec![
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--json",
-    ];
-    if let Some(k) = key {
-        args.extend(["--key-file", s(k)]);
+    match key {
+        Some(k) => disk.check(&["--json", "--key-file", s(k)]),
+        None => disk.check(&["--json"]),
     }
-    twinsum(&args)
 }
 
 fn exit_code(o: &Output) -> i32 {
@@ -258,7 +258,7 @@ fn serve_needs_the_key_of_a_keyed_disk_and_serves_with_it() {
         let mut c = Client::connect(&d.socket, 1);
         let mut q = c.q0();
         assert_eq!(q.read(0, BS as usize).unwrap(), vec![1u8; BS as usize]);
-        let v = common::pattern(BS, 2 * BS as usize, 9);
+        let v = pattern(BS, 2 * BS as usize, 9);
         q.write(BS, &v).unwrap();
         q.flush().unwrap();
         assert_eq!(q.read(BS, 2 * BS as usize).unwrap(), v);

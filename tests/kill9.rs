@@ -18,7 +18,12 @@
 //! interleaving of the two queues still varies).
 //! `TWINSUM_KILL9_ROUNDS` sets the rounds per block size (default 20).
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod disk;
+    pub mod load;
+    pub mod run;
+}
 
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::Ordering;
@@ -26,8 +31,10 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Instant;
 
+use common::client::{Client, QUEUE_BUF};
+use common::disk::{Daemon, Disk};
 use common::load::{self, Ctl, EndGuard, Model, Rng, Shape, StopGuard, Verdict};
-use common::{poll, s, twinsum, Client, Daemon, Disk, QUEUE_BUF};
+use common::run::poll;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -209,16 +216,7 @@ fn run_until_killed(
 
 /// `twinsum check` must find every block matching one of its slots.
 fn check_exits_0(disk: &Disk, ctx: &str, log: &str) {
-    let o = twinsum(&[
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--stage",
-        s(&disk.stage),
-        "--json",
-    ]);
+    let o = disk.check(&["--json"]);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -360,7 +358,7 @@ fn kill9_rounds(bs: u64) {
         // daemon still held every one in its write-back stage: then nothing
         // reached the image and no flush can have completed (the restart
         // replays the stage).
-        let info = disk.info_with_stage();
+        let info = disk.info();
         let staged = info["stage_writes"]
             .as_u64()
             .expect("info reports stage_writes");

@@ -5,7 +5,9 @@
 //! twinsum the script started; the cloud-hypervisor line (cloud-hypervisor
 //! is not installed here) must ask for as many boot vCPUs as queues.
 
-mod common;
+mod common {
+    pub mod run;
+}
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{bin, poll, s};
+use common::run::{bin, poll, s};
 
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU takes well under a second to parse its options and connect.

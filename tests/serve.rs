@@ -1,19 +1,56 @@
 //! `twinsum serve` over its real socket, driven by libblkio's
 //! virtio-blk-vhost-user driver as the front-end.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod content;
+    pub mod disk;
+    pub mod run;
+    pub mod stage;
+}
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::thread;
 
-use common::{pattern, s, Client, Daemon, Disk};
+use blkio::ReqFlags;
+use common::client::{Client, Errno, Queue};
+use common::content::pattern;
+use common::disk::{twinsum, Daemon, Disk};
+use common::run::s;
+use common::stage::craft_stage;
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -libc::EIO;
 
 /// Request sizes each queue cycles through, in blocks.
 const SIZES: [u64; 5] = [1, 2, 8, 3, 32];
+
+/// The requests only these tests issue.
+impl Queue<'_> {
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.q.write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.complete()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.q.discard(offset, len, 0, ReqFlags::empty());
+        self.complete()
+    }
+}
+
+/// Flip one byte of `disk`'s image behind the daemon's back.
+fn flip_byte(disk: &Disk, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.data)
+        .expect("open image");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).expect("read image");
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).expect("write image");
+}
 
 /// Each queue writes and reads back its own region concurrently with the
 /// others; returns the (offset, seed) of every write so the caller can
@@ -150,7 +187,7 @@ fn flipped_byte_fails_exactly_that_block(bs: u64) {
     assert!(d.terminate().success());
 
     // Stopped daemon: the flip is certainly what the next one reads.
-    disk.flip_byte(5 * bs + 17);
+    flip_byte(&disk, 5 * bs + 17);
     let d = disk.serve(&[]);
     let mut c = Client::connect(&disk.socket, 1);
     let mut q = c.q0();
@@ -163,7 +200,7 @@ fn flipped_byte_fails_exactly_that_block(bs: u64) {
     d.wait_for_log("block 5");
 
     // While serving: the engine reads with pread, so our pwrite is seen.
-    disk.flip_byte(9 * bs);
+    flip_byte(&disk, 9 * bs);
     assert_eq!(
         q.read(9 * bs, bs as usize),
         Err(EIO),
@@ -193,7 +230,7 @@ fn on_mismatch_log_returns_the_data() {
         c.q0().write(0, &data).expect("write");
     }
     assert!(d.terminate().success());
-    disk.flip_byte(100);
+    flip_byte(&disk, 100);
     let _d = disk.serve(&["--on-mismatch", "log"]);
     let mut c = Client::connect(&disk.socket, 1);
     let got = c.q0().read(0, 4096).expect("read with --on-mismatch log");
@@ -329,7 +366,7 @@ fn bad_arguments_are_refused() {
         assert!(!st.success(), "{bad:?} accepted");
         assert!(!disk.socket.exists(), "{bad:?}");
     }
-    let o = common::twinsum(&[
+    let o = twinsum(&[
         "serve",
         "--socket",
         s(&disk.socket),
@@ -369,32 +406,6 @@ fn sigint_while_idle_stops_cleanly() {
     assert_eq!(disk.info()["clean"], true);
 }
 
-/// A stage holding `writes` (block, data) for `disk`, as a twinsum killed
-/// before writing them to the image would leave it.
-fn craft_stage(disk: &Disk, writes: &[(u64, Vec<u8>)]) {
-    use std::sync::Arc;
-    use twinsum::io::{FileDevice, MappedFile};
-    use twinsum::meta::Metadata;
-    use twinsum::stage::{boot_id, Identity, Stage, RING_START};
-
-    let dev = FileDevice::open(&disk.meta, Default::default()).expect("open meta");
-    let meta = Metadata::open(Arc::new(dev), 1).expect("read meta");
-    let sb = meta.superblock();
-    let ident = Identity {
-        salt: sb.salt,
-        generation: sb.generation,
-        block_size: sb.block_size,
-        blocks: sb.blocks,
-        data_size: sb.data_size,
-    };
-    let region = Arc::new(MappedFile::open(&disk.stage, Some(RING_START + (64 << 20))).unwrap());
-    let mut stage = Stage::create(region, ident, boot_id().unwrap(), 77).unwrap();
-    for (block, data) in writes {
-        let slot = stage.reserve(*block, data.len()).unwrap().unwrap();
-        stage.filler().fill(&slot, data).unwrap();
-    }
-}
-
 #[test]
 fn a_stage_left_by_a_dead_twinsum_is_replayed_before_serving() {
     let disk = Disk::new(MIB, 4096);
@@ -402,16 +413,8 @@ fn a_stage_left_by_a_dead_twinsum_is_replayed_before_serving() {
     let b = pattern(5 * 4096, 4096, 2);
     // Two writes to block 5 in order: the later one must win.
     craft_stage(&disk, &[(5, a.clone()), (5, b.clone()), (9, a.clone())]);
-    assert_eq!(disk.info_with_stage()["stage_writes"], 3);
-    let check = common::twinsum(&[
-        "check",
-        "--data",
-        s(&disk.data),
-        "--meta",
-        s(&disk.meta),
-        "--stage",
-        s(&disk.stage),
-    ]);
+    assert_eq!(disk.info()["stage_writes"], 3);
+    let check = disk.check(&[]);
     assert_eq!(check.status.code(), Some(0));
     let err = String::from_utf8_lossy(&check.stderr);
     assert!(
@@ -515,7 +518,7 @@ fn version_1_metadata_is_served_and_stays_version_1() {
     let info = disk.info();
     assert_eq!(info["version"], 1, "still the first format");
     assert_eq!(info["clean"], true);
-    let check = common::twinsum(&["check", "--data", s(&disk.data), "--meta", s(&disk.meta)]);
+    let check = disk.check(&[]);
     assert_eq!(
         check.status.code(),
         Some(0),

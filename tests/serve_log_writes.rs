@@ -3,14 +3,31 @@
 //! a restart, states that check clean and hold every flushed write, and
 //! the one-line refusals (a wrong base, a log of another disk).
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod content;
+    pub mod disk;
+    pub mod run;
+}
 
 use std::fs;
 use std::path::Path;
 
-use common::{pattern, s, twinsum, Client, Disk};
+use blkio::ReqFlags;
+use common::client::{Client, Errno, Queue};
+use common::content::pattern;
+use common::disk::{twinsum, Daemon, Disk};
+use common::run::s;
 
 const MIB: u64 = 1 << 20;
+
+/// The request only this test issues.
+impl Queue<'_> {
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.q.write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.complete()
+    }
+}
 
 fn copy(from: &Path, to: &Path) {
     let st = std::process::Command::new("cp")
@@ -47,6 +64,8 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
         }
         q.write_zeroes(12 * MIB, MIB).unwrap();
         q.write(13 * MIB, &pattern(13 * MIB, 8192, 99)).unwrap();
+        // Logging changes nothing the guest reads.
+        assert_eq!(q.read(0, 64 << 10).unwrap(), pattern(0, 64 << 10, 0));
     }
     assert!(daemon.terminate().success());
     let info = log_info(&log);
@@ -80,6 +99,7 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
     // A third one replays the dead one's stage and stops cleanly.
     assert!(d.serve(&["--log-writes", s(&log)]).terminate().success());
     assert_eq!(log_info(&log)["starts"], 3);
+    assert!(d.check(&[]).status.success());
 
     let out = d.path("states");
     let o = twinsum(&[
@@ -179,7 +199,7 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
 
     // The log of this disk refused for another.
     let other = Disk::new(16 * MIB, 4096);
-    let mut daemon = common::Daemon::spawn(&other, &other.socket, &["--log-writes", s(&log)]);
+    let mut daemon = Daemon::spawn(&other, &other.socket, &["--log-writes", s(&log)]);
     let st = daemon.wait_exit();
     assert_eq!(st.code(), Some(2));
     assert!(

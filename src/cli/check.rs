@@ -77,7 +77,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot open image {}", args.data.display()))?;
     meta.check_image(data.size()).with_context(|| {
         format!(
-            "metadata {} does not belong to {}",
+            "cannot use metadata {} with image {}",
             args.meta.display(),
             args.data.display()
         )

@@ -12,8 +12,6 @@
 //! Waiting for completions polls the used ring (woken by the call eventfd)
 //! with a deadline; nothing sleeps for synchronisation.
 
-#![allow(dead_code)]
-
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,7 +27,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::DEADLINE;
+use super::run::DEADLINE;
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -38,12 +36,20 @@ pub const VRING_DESC_F_INDIRECT: u16 = 4;
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+// Of the request types and statuses below, tests/hostile.rs sends and
+// expects only some, tests/frontend_fuzz.rs others: each binary that
+// declares this module leaves some unused.
+#[allow(dead_code)]
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+#[allow(dead_code)]
 pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+#[allow(dead_code)]
 pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 
 pub const VIRTIO_BLK_S_OK: u8 = 0;
+#[allow(dead_code)]
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+#[allow(dead_code)]
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -56,7 +62,8 @@ pub const MAX_QUEUES: usize = 4;
 /// Request `k`'s 16-byte header, status byte and default data buffer.
 pub const HDR_BASE: u64 = 0x1_0000;
 pub const STATUS_BASE: u64 = 0x2_0000;
-/// Free space for indirect tables and such.
+/// Free space for indirect tables and such (the fuzz's).
+#[allow(dead_code)]
 pub const SCRATCH_BASE: u64 = 0x3_0000;
 pub const DATA_BASE: u64 = 0x10_0000;
 pub const DATA_SLOT: u64 = 0x1_0000;
@@ -146,6 +153,8 @@ impl GuestMem {
     }
 
     /// Change the size of the file behind the memory (not the mapping).
+    /// Only tests/hostile.rs shrinks guest memory.
+    #[allow(dead_code)]
     pub fn truncate(&self, file_len: u64) {
         truncate(&self.fd, file_len);
     }
@@ -234,7 +243,8 @@ impl GuestMem {
         self.write(gpa, &h);
     }
 
-    /// One DISCARD / WRITE_ZEROES segment at `gpa`.
+    /// One DISCARD / WRITE_ZEROES segment at `gpa` (the fuzz's).
+    #[allow(dead_code)]
     pub fn zero_segment(&self, gpa: u64, sector: u64, sectors: u32, flags: u32) {
         let mut s = [0u8; 16];
         s[..8].copy_from_slice(&sector.to_le_bytes());
@@ -297,7 +307,9 @@ impl Desc {
         }
     }
 
-    /// A descriptor pointing at an indirect table of `entries` entries.
+    /// A descriptor pointing at an indirect table of `entries` entries
+    /// (the fuzz's).
+    #[allow(dead_code)]
     pub fn indirect(addr: u64, entries: u32) -> Self {
         Self {
             addr,
@@ -471,7 +483,8 @@ impl Default for Options {
 /// A connected front-end with its guest memory and rings.
 pub struct Front {
     pub fe: Frontend,
-    /// The same socket, for writing raw messages.
+    /// The same socket, for writing raw messages (the fuzz's).
+    #[allow(dead_code)]
     pub sock: UnixStream,
     pub mem: GuestMem,
     pub vqs: Vec<Vq>,
@@ -630,6 +643,8 @@ impl Front {
         (st, self.mem.read(data(0), len))
     }
 
+    /// A FLUSH on queue `q` (tests/hostile.rs's; the fuzz builds its own).
+    #[allow(dead_code)]
     pub fn flush(&mut self, q: usize) -> u8 {
         self.simple(q, VIRTIO_BLK_T_FLUSH, 0, 0, false)
     }

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use blkio::ReqFlags;
 
-use super::{Queue, DEADLINE};
+use super::client::Queue;
+use super::run::DEADLINE;
 
 /// SplitMix64: small, seedable, and the same everywhere, so a printed seed
 /// replays the same workload.
@@ -272,10 +273,6 @@ impl Model {
         self.synchronous = on;
     }
 
-    pub fn is_hot(&self, block: u64) -> bool {
-        self.blocks.contains_key(&block)
-    }
-
     fn range_free(&self, start: u64, len: u64) -> bool {
         (start..start + len).all(|b| !self.blocks[&b].busy)
     }
@@ -444,14 +441,6 @@ impl Model {
             }
             v => Ok(v),
         }
-    }
-
-    /// The content the last completed FLUSH made durable (zeros outside
-    /// the hot set).
-    pub fn durable(&self, block: u64) -> Content {
-        self.blocks
-            .get(&block)
-            .map_or(Content::Zero, |st| st.durable)
     }
 
     /// After a verified restart: the block holds `got` for certain.
