@@ -25,6 +25,8 @@ use std::sync::Arc;
 use twinsum::io::volatile::testing::FaultInjection;
 use twinsum::io::volatile::VolatileDevice;
 use twinsum::io::{Device, FileDevice, MemDevice, OpenFlags};
+use twinsum::meta::{Metadata, Superblock};
+use twinsum::writelog::{Dev, WriteLog};
 
 /// Size of every device under test: 256 blocks of 4096 bytes.
 const SIZE: u64 = 1 << 20;
@@ -170,6 +172,20 @@ fn open_file(path: &Path) -> Arc<dyn Device> {
         lock: true,
     };
     Arc::new(FileDevice::open(path, flags).expect("open the file"))
+}
+
+/// The file as `serve --log-writes` sees it: behind the write log's
+/// recording wrapper, logging to a file next to it (for a disk whose
+/// metadata is there too).
+fn open_recorded(path: &Path) -> Arc<dyn Device> {
+    let sb = Superblock::new(4096, SIZE, 1).expect("a superblock");
+    let meta_path = path.with_extension("meta");
+    let meta: Arc<dyn Device> = Arc::new(
+        FileDevice::create(&meta_path, sb.meta_len(), false, false).expect("create metadata"),
+    );
+    Metadata::create(meta.clone(), sb, 1).expect("format metadata");
+    let log = WriteLog::open(&path.with_extension("log"), &meta).expect("open a write log");
+    log.recording(Dev::Data, open_file(path))
 }
 
 /// Bytes that differ per offset and per `seed`, never all zero.
@@ -520,4 +536,5 @@ conformance! {
     file => Subject::file(false, open_file);
     sparse_file => Subject::file(true, open_file);
     volatile_over_sparse_file => Subject::volatile_over_sparse_file();
+    recorded_sparse_file => Subject::file(true, open_recorded);
 }

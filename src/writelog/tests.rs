@@ -177,6 +177,18 @@ fn generate_all(d: &Disk, seed: u64) -> (usize, usize) {
             promised += s.promised as usize;
         }
         assert!(d.path(out).join("manifest.json").exists());
+        let sum = log.summary();
+        let want = match at {
+            At::Flushes => sum.flushes as usize,
+            At::Marks => sum.marks.len(),
+            At::Random => 10.min(log.entries.len()),
+        };
+        assert_eq!(m.states.len(), want, "{at:?}: one state per instant");
+        if at == At::Marks {
+            let names: Vec<_> = m.states.iter().map(|s| s.mark.clone().unwrap()).collect();
+            let marks: Vec<_> = sum.marks.iter().map(|k| k.name.clone()).collect();
+            assert_eq!(names, marks);
+        }
         states += m.states.len();
     }
     (states, promised)
