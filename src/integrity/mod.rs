@@ -4,6 +4,7 @@
 mod engine;
 mod gate;
 pub mod hash;
+pub mod verify;
 
 pub use engine::{
     Engine, EngineError, EngineOptions, OnMismatch, Op, Replayed, StageConfig, Stats,
