@@ -8,5 +8,5 @@ pub mod verify;
 
 pub use engine::{
     Engine, EngineError, EngineOptions, OnMismatch, Op, Replayed, StageConfig, Stats,
-    DEFAULT_STAGE_BYTES,
+    DEFAULT_STAGE_BYTES, RECENT_MISMATCHES,
 };

@@ -16,6 +16,30 @@ impl Core {
         let count = self.block_count(buf.len())?;
         self.check_range(block, count)?;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let bad = self.read_verified(block, count, buf)?;
+        match (bad.first(), self.opts.on_mismatch) {
+            (Some(&first), OnMismatch::Error) => Err(EngineError::Mismatch { block: first }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A scrub's read: the same verification as a guest read, but every
+    /// mismatched block is returned (whatever `on_mismatch` says) and the
+    /// read does not count as a guest read.
+    pub(super) fn scrub_blocks(&self, block: u64, buf: &mut [u8]) -> Result<Vec<u64>, EngineError> {
+        let count = self.block_count(buf.len())?;
+        self.check_range(block, count)?;
+        self.read_verified(block, count, buf)
+    }
+
+    /// Fill `buf` with blocks `block..block + count` and return those that
+    /// match neither checksum, each counted, logged and remembered.
+    fn read_verified(
+        &self,
+        block: u64,
+        count: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<u64>, EngineError> {
         let bs = self.block_size as usize;
         let mut pairs = vec![Pair::default(); count as usize];
         let mut queued_data = Vec::new();
@@ -49,7 +73,7 @@ impl Core {
                 }
             }
             if bad.is_empty() {
-                return Ok(());
+                return Ok(bad);
             }
             if raced && attempt < READ_RETRIES {
                 continue;
@@ -63,10 +87,8 @@ impl Core {
                     self.offset(*b)
                 );
             }
-            return match self.opts.on_mismatch {
-                OnMismatch::Error => Err(EngineError::Mismatch { block: bad[0] }),
-                OnMismatch::Log => Ok(()),
-            };
+            self.recent.note(&bad);
+            return Ok(bad);
         }
         unreachable!("the retry loop returns")
     }
