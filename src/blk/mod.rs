@@ -14,7 +14,7 @@ pub mod chain;
 pub mod config;
 pub mod execute;
 pub mod guestmem;
-mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod request;
 pub mod server;
 #[cfg(test)]

@@ -10,6 +10,11 @@
 //! the connected front-end's disk goes dead (every request fails), and a
 //! fresh engine on what survived serves the next front-end, as a freshly
 //! started twinsum would.
+//!
+//! With `--control PATH`, [`crate::control`] serves a second socket whose
+//! `sync-mode` and `power-cut` commands run the code of SIGUSR1 and SIGUSR2
+//! ([`Served::enter_sync_mode`], [`Served::power_cut`]) and answer with
+//! its result.
 
 mod power;
 
@@ -32,12 +37,13 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::power::VolatileDisk;
+use self::power::{CutSummary, VolatileDisk};
 use super::backend::BlkBackend;
 use super::config;
 use super::execute::Disk;
 use super::guestmem;
 use super::request::ID_LEN;
+use crate::control::CommandError;
 use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch, StageConfig};
 use crate::io::volatile::PowerSupply;
 use crate::io::{FileDevice, MappedFile, OpenFlags, Region};
@@ -66,6 +72,8 @@ pub struct ServeConfig {
     pub stage_bytes: u64,
     /// The key of a disk with keyed checksums.
     pub key: Option<Key>,
+    /// The control socket (mode 0600), if any.
+    pub control: Option<PathBuf>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -104,6 +112,8 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     #[error("the simulated power cut failed")]
     PowerCut(#[source] io::Error),
+    #[error("cannot start the control socket")]
+    Control(#[source] io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
 }
@@ -123,6 +133,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let limits = *served.current().disk.limits();
 
     let listener = bind_socket(&cfg.socket)?;
+    let control_listener = match cfg.control.as_deref().map(bind_socket).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            remove_socket(&cfg.socket);
+            return Err(e);
+        }
+    };
     log::info!(
         "serving {} ({} blocks of {} bytes{}{}) on {}, {} queue(s), serial {:?}{}",
         cfg.data.display(),
@@ -161,13 +178,42 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .spawn(move || signal_loop(signals, &control, &served))
             .map_err(ServeError::Signals)?
     };
+    let control_server = match control_listener {
+        Some(l) => {
+            let daemon = Arc::new(ControlDaemon {
+                served: served.clone(),
+                control: control.clone(),
+                queues: cfg.queues,
+                readonly: cfg.readonly,
+            });
+            match crate::control::Server::start(l, daemon) {
+                Ok(s) => {
+                    if let Some(p) = &cfg.control {
+                        log::info!("control socket on {}", p.display());
+                    }
+                    Some(s)
+                }
+                Err(e) => {
+                    log::error!("cannot start the control socket: {e}; stopping");
+                    control.request_stop();
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     let result = serve_connections(&cfg, &served, &control, listener);
 
     writeback.stop();
+    // Before the final stop: the scrub reads the disk the stop cleans.
+    if let Some(c) = control_server {
+        c.stop();
+    }
     let result = result.and(served.stop());
-    if let Err(e) = fs::remove_file(&cfg.socket) {
-        log::warn!("cannot remove {}: {e}", cfg.socket.display());
+    remove_socket(&cfg.socket);
+    if let Some(p) = &cfg.control {
+        remove_socket(p);
     }
     if result.is_ok() {
         // It has seen SIGTERM/SIGINT, or we would not be here.
@@ -181,6 +227,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 #[derive(Clone)]
 struct Current {
     disk: Arc<Disk>,
+    /// The disk's engine, for the control socket's status and scrub.
+    engine: Arc<Engine>,
     power: Option<Arc<PowerSupply>>,
 }
 
@@ -279,9 +327,11 @@ impl DiskSpec {
         power: Option<Arc<PowerSupply>>,
     ) -> Result<Current, ServeError> {
         let limits = config::limits(engine.block_size(), engine.blocks());
-        let disk = Disk::new(Arc::new(engine), limits, self.readonly, &self.serial);
+        let engine = Arc::new(engine);
+        let disk = Disk::new(engine.clone(), limits, self.readonly, &self.serial);
         Ok(Current {
             disk: Arc::new(disk),
+            engine,
             power,
         })
     }
@@ -365,21 +415,32 @@ impl Served {
     }
 
     /// Run `f` on the current disk unless its power was cut (a dead disk
-    /// writes nothing, and trying only logs errors). The lock is held, so
-    /// no cut happens while `f` runs.
-    fn with_powered(&self, f: impl FnOnce(&Disk)) {
+    /// writes nothing, and trying only logs errors): `None` then. The lock
+    /// is held, so no cut happens while `f` runs.
+    fn with_powered<T>(&self, f: impl FnOnce(&Disk) -> T) -> Option<T> {
         let st = self.lock();
-        if st.failed.is_none() && !st.current.lost_power() {
-            f(&st.current.disk);
-        }
+        (st.failed.is_none() && !st.current.lost_power()).then(|| f(&st.current.disk))
     }
 
     fn writeback(&self) {
         self.with_powered(|d| d.writeback());
     }
 
-    fn enter_sync_mode(&self, why: &str) {
-        self.with_powered(|d| d.enter_sync_mode(why));
+    /// SIGUSR1 and the control socket's `sync-mode`: `Ok(true)` once the
+    /// metadata is current and kept so, `Ok(false)` on a read-only disk;
+    /// `None` when nothing is served.
+    fn enter_sync_mode(&self, why: &str) -> Option<Result<bool, EngineError>> {
+        self.with_powered(|d| d.try_enter_sync_mode(why))
+    }
+
+    /// The engine serving now, unless a power cut failed.
+    fn engine(&self) -> Option<Arc<Engine>> {
+        let st = self.lock();
+        st.failed.is_none().then(|| st.current.engine.clone())
+    }
+
+    fn power_cuts(&self) -> Option<u64> {
+        self.lock().volatile.as_ref().map(VolatileDisk::cuts)
     }
 
     /// The front-end that had `conn` went away: the orderly steps of
@@ -398,9 +459,10 @@ impl Served {
         conn.disk.make_clean("front-end disconnected");
     }
 
-    /// SIGUSR2: cut the power, then open a fresh engine on what survived.
-    /// `false`: that failed and the server must stop.
-    fn power_cut(&self) -> bool {
+    /// SIGUSR2 and the control socket's `power-cut`: cut the power, then
+    /// open a fresh engine on what survived. [`CutRefused::Failed`]: that
+    /// failed and the server must stop.
+    fn power_cut(&self, why: &str) -> Result<CutSummary, CutRefused> {
         let mut st = self.lock();
         let ServedState {
             current,
@@ -408,13 +470,13 @@ impl Served {
             failed,
         } = &mut *st;
         let Some(v) = volatile.as_mut() else {
-            log::warn!("SIGUSR2: a power cut needs serve --volatile-cache; ignoring it");
-            return true;
+            log::warn!("{why}: a power cut needs serve --volatile-cache; ignoring it");
+            return Err(CutRefused::NotVolatile);
         };
         if failed.is_some() {
-            return false;
+            return Err(CutRefused::Failed);
         }
-        log::info!("SIGUSR2: cutting the power");
+        log::info!("{why}: cutting the power");
         // Writes the engine completed but still holds in its own write-back
         // stage go to the simulated cache first, so that the cut keeps or
         // loses each of them at random like any other un-synced write
@@ -425,7 +487,7 @@ impl Served {
             Err(e) => {
                 log::error!("the power cut failed: {e}; stopping");
                 *failed = Some(ServeError::PowerCut(e));
-                return false;
+                return Err(CutRefused::Failed);
             }
         };
         log::info!("{summary}");
@@ -439,12 +501,12 @@ impl Served {
                 log::info!(
                     "reopened the disk on what survived the cut, as a freshly started twinsum would"
                 );
-                true
+                Ok(summary)
             }
             Err(e) => {
                 log::error!("cannot reopen the disk after the power cut: {e}; stopping");
                 *failed = Some(e);
-                false
+                Err(CutRefused::Failed)
             }
         }
     }
@@ -490,6 +552,80 @@ impl Served {
             },
         );
         Ok(())
+    }
+}
+
+/// Why [`Served::power_cut`] did not cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CutRefused {
+    /// Not `--volatile-cache`: there is no simulated power to cut.
+    NotVolatile,
+    /// The cut or the reopen after it failed: nothing is served any more.
+    Failed,
+}
+
+/// The daemon as the control socket sees it: every command runs the code
+/// its signal runs.
+struct ControlDaemon {
+    served: Arc<Served>,
+    control: Arc<Control>,
+    queues: u16,
+    readonly: bool,
+}
+
+impl crate::control::Daemon for ControlDaemon {
+    fn engine(&self) -> Option<Arc<Engine>> {
+        self.served.engine()
+    }
+
+    fn info(&self) -> crate::control::DaemonInfo {
+        crate::control::DaemonInfo {
+            frontend_connected: self
+                .control
+                .conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some(),
+            queues: self.queues,
+            readonly: self.readonly,
+            power_cuts: self.served.power_cuts(),
+        }
+    }
+
+    fn enter_sync_mode(&self) -> Result<bool, CommandError> {
+        match self.served.enter_sync_mode("control socket") {
+            Some(Ok(written)) => Ok(written),
+            Some(Err(source)) => Err(CommandError::Engine {
+                what: "cannot switch to synchronous metadata",
+                source,
+            }),
+            None => Err(CommandError::NotServing),
+        }
+    }
+
+    fn power_cut(&self) -> Result<crate::control::PowerCut, CommandError> {
+        match self.served.power_cut("control socket") {
+            Ok(c) => Ok(crate::control::PowerCut {
+                number: c.number,
+                seed: c.seed,
+                data_unit: c.data_unit,
+                data_kept: c.data.0 as u64,
+                data_unsynced: c.data.1 as u64,
+                meta_kept: c.meta.0 as u64,
+                meta_unsynced: c.meta.1 as u64,
+                destages: c.destages,
+            }),
+            Err(CutRefused::NotVolatile) => Err(CommandError::Refused(
+                "a power cut needs serve --volatile-cache".into(),
+            )),
+            Err(CutRefused::Failed) => {
+                // As after SIGUSR2: nothing is left to serve.
+                self.control.request_stop();
+                Err(CommandError::Refused(
+                    "the power cut failed; twinsum is stopping (its log says why)".into(),
+                ))
+            }
+        }
     }
 }
 
@@ -679,6 +815,13 @@ fn lock_socket(socket: &Path) -> Result<UnixListener, ServeError> {
     }
 }
 
+/// Remove a socket file we created, at exit.
+fn remove_socket(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        log::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
 /// Create the listening socket with mode 0600, replacing a stale one.
 fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     let err = |source| ServeError::Socket {
@@ -752,9 +895,12 @@ fn signal_loop(set: libc::sigset_t, control: &Control, served: &Served) {
             return;
         }
         match sig {
-            libc::SIGUSR1 => served.enter_sync_mode("SIGUSR1"),
+            libc::SIGUSR1 => {
+                // Logged by the disk; a signal has no one to answer.
+                let _ = served.enter_sync_mode("SIGUSR1");
+            }
             // The guard runs the cut; a failed one leaves nothing to serve.
-            libc::SIGUSR2 if !served.power_cut() => {
+            libc::SIGUSR2 if served.power_cut("SIGUSR2") == Err(CutRefused::Failed) => {
                 control.request_stop();
                 return;
             }

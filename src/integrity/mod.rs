@@ -4,6 +4,7 @@
 mod engine;
 mod gate;
 pub mod hash;
+pub mod scrub;
 pub mod verify;
 
 pub use engine::{

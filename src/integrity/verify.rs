@@ -17,7 +17,7 @@ use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hash::{self, Checksum, Verdict};
 use crate::io::Device;
@@ -56,7 +56,7 @@ pub enum VerifyError {
 /// Blocks found matching neither slot: an exact count, and the block
 /// numbers of the first [`MAX_LISTED`] (serialized as a report's
 /// `mismatches` list and `mismatch_count`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mismatches {
     #[serde(rename = "mismatches")]
     pub listed: Vec<u64>,
