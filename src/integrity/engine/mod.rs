@@ -210,8 +210,9 @@ struct Core {
     data_gate: SyncGate,
     meta_gate: SyncGate,
     sync_mode: AtomicBool,
-    /// Bumped on every pair change, so a read that raced a write or a flush
-    /// can tell and look again instead of reporting a false mismatch.
+    /// Bumped on every pair change and every completed data write, so a
+    /// read that raced a write or a flush can tell and look again instead
+    /// of reporting a false mismatch.
     pair_changes: AtomicU64,
     counters: Counters,
     recent: Recent,
