@@ -84,7 +84,30 @@ impl Disk {
     /// [`new`](Self::new) with more `format` arguments, made from the
     /// scratch directory (for files that must live in it).
     pub fn new_with(size: u64, block_size: u64, extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::new_in(
+            tempfile::tempdir().expect("tempdir"),
+            size,
+            block_size,
+            extra,
+        )
+    }
+
+    /// [`new`](Self::new) with IMG and META on tmpfs, where a sync costs
+    /// next to nothing: for races that need many flushes a second.
+    pub fn new_on_tmpfs(size: u64, block_size: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("twinsum-test-")
+            .tempdir_in(shm_dir())
+            .expect("tempdir on tmpfs");
+        Self::new_in(dir, size, block_size, |_| Vec::new())
+    }
+
+    fn new_in(
+        dir: tempfile::TempDir,
+        size: u64,
+        block_size: u64,
+        extra: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
         let extra = extra(dir.path());
         let data = dir.path().join("disk.img");
         let meta = dir.path().join("disk.meta");
