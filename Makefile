@@ -28,6 +28,8 @@ test: deps images
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	# The build that serves, without the tests' `testing` feature.
+	$(CARGO) clippy --lib --bins -- -D warnings
 
 bench: build
 	$(CARGO) bench --bench core

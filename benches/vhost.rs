@@ -26,6 +26,10 @@
 //!   one server (`twinsum` includes the keyed one).
 //! - `TWINSUM_BENCH_WORKLOADS` (all): comma-separated parts of workload
 //!   names to run, e.g. `randwrite` when profiling one of them.
+//! - `TWINSUM_BENCH_SCALE` (`1G,64G,1T`): disk sizes of the scale curve
+//!   (fresh sparse disks, 4k random I/O over the whole disk, one queue;
+//!   `none` skips it). The largest gets a flush workload too, and
+//!   twinsum's peak RSS is reported.
 //! - `TWINSUM_BENCH_STRICT=1`: exit 1 when a goal is missed.
 //! - `TWINSUM_BENCH_KEEP=1`: keep the run directory (images, logs).
 //! - `TWINSUM_BENCH_QSD_AIO` (`threads`): qsd's file `aio=` mode.
@@ -184,6 +188,8 @@ struct Config {
     qsd: PathBuf,
     qsd_aio: String,
     target: PathBuf,
+    /// Disk sizes of the scale curve.
+    scale: Vec<u64>,
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -232,6 +238,9 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon")),
             qsd_aio: env::var("TWINSUM_BENCH_QSD_AIO").unwrap_or_else(|_| "threads".into()),
+            scale: parse_scale(
+                &env::var("TWINSUM_BENCH_SCALE").unwrap_or_else(|_| "1G,64G,1T".into()),
+            )?,
             target,
         })
     }
@@ -276,6 +285,8 @@ struct Side {
     server: Option<Server>,
     /// Blocks written, across every connection.
     written: Option<std::sync::Arc<Bitmap>>,
+    /// The image is sparse: unwritten blocks read as zeros.
+    sparse: bool,
     /// Why this side has no figures, if it has none.
     unavailable: Option<String>,
     /// Per workload (index into WORKLOADS), one entry per round.
@@ -290,6 +301,7 @@ impl Side {
             client: None,
             server: None,
             written: None,
+            sparse: false,
             unavailable: None,
             runs: vec![Vec::new(); WORKLOADS.len()],
         }
@@ -320,7 +332,7 @@ impl Side {
             Some(s) => s.socket.clone(),
             None => return,
         };
-        match Client::connect(&socket, queues, SEED, self.written.clone(), false) {
+        match Client::connect(&socket, queues, SEED, self.written.clone(), self.sparse) {
             Ok(c) => {
                 self.written = Some(c.written.clone());
                 self.client = Some(c);
@@ -448,23 +460,7 @@ fn run() -> Result<bool> {
         start(&cfg, &mut keyed, cmd, &dir.path);
     }
     if qsd.unavailable.is_none() {
-        // cache.direct=off: buffered I/O through the host page cache, as
-        // twinsum does with positioned read/write; aio=threads is the
-        // default and the closest match to twinsum's blocking syscalls
-        // (TWINSUM_BENCH_QSD_AIO=io_uring to see how much qsd gains).
-        let mut cmd = Command::new(&cfg.qsd);
-        cmd.arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f,filename={},cache.direct=off,aio={}",
-                qsd.img.display(),
-                cfg.qsd_aio
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={}",
-                dir.path.join("qsd.sock").display(),
-                SERVER_QUEUES
-            ));
+        let cmd = qsd_command(&cfg, &qsd.img, &dir.path);
         start(&cfg, &mut qsd, cmd, &dir.path);
     }
 
@@ -613,7 +609,233 @@ fn run() -> Result<bool> {
     if cfg.strict && !goals_met {
         ok = false;
     }
+    drop(dir);
+    if !cfg.scale.is_empty() {
+        let (scale_ok, scale_goals) = run_scale(&cfg, &data)?;
+        ok &= scale_ok;
+        if cfg.strict && !scale_goals {
+            ok = false;
+        }
+    }
     Ok(ok)
+}
+
+/// `1G,64G,1T` → bytes; `none` or empty → no scale curve.
+fn parse_scale(v: &str) -> Result<Vec<u64>> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && *p != "none")
+        .map(|p| {
+            let (num, shift) = match p.chars().last() {
+                Some('G') => (&p[..p.len() - 1], 30),
+                Some('T') => (&p[..p.len() - 1], 40),
+                Some('M') => (&p[..p.len() - 1], 20),
+                _ => (p, 0),
+            };
+            num.parse::<u64>()
+                .map(|n| n << shift)
+                .ok()
+                .filter(|&n| n >= 16 << 20)
+                .with_context(|| format!("TWINSUM_BENCH_SCALE: bad size {p:?}"))
+        })
+        .collect()
+}
+
+/// The scale curve: random 4 KiB I/O over the whole of a fresh sparse disk.
+const SCALE_WORKLOADS: [Workload; 3] = [
+    wl(
+        "4k randwrite QD32",
+        Kind::RandWrite,
+        4096,
+        32,
+        1,
+        0,
+        Goal::Ratio(0.8),
+    ),
+    wl(
+        "4k randwrite+flush/32",
+        Kind::RandWrite,
+        4096,
+        32,
+        1,
+        32,
+        Goal::Ratio(0.8),
+    ),
+    wl(
+        "4k randread QD32",
+        Kind::RandRead,
+        4096,
+        32,
+        1,
+        0,
+        Goal::Ratio(1.0),
+    ),
+];
+/// Peak RSS twinsum may reach while serving the largest disk.
+const RSS_GOAL: u64 = 256 << 20;
+
+/// Run the scale curve; (every data check passed, every goal met).
+fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
+    let largest = cfg.scale.iter().copied().max().unwrap_or(0);
+    let mut ok = true;
+    let mut rows = Vec::new();
+    let mut peak_rss = None;
+    for &size in &cfg.scale {
+        let dir = RunDir {
+            path: data.join(format!("scale-{}-{}", size >> 30, std::process::id())),
+            keep: cfg.keep,
+        };
+        fs::create_dir_all(&dir.path)?;
+        let mut tw = Side::new("twinsum", dir.path.join("twinsum.img"));
+        let mut qsd = Side::new("qsd", dir.path.join("qsd.img"));
+        let meta = dir.path.join("twinsum.meta");
+        for side in [&mut tw, &mut qsd] {
+            side.sparse = true;
+            if !cfg.wants(side.name) {
+                side.unavailable = Some("skipped (TWINSUM_BENCH_ONLY)".into());
+                continue;
+            }
+            fs::File::create(&side.img)
+                .and_then(|f| f.set_len(size))
+                .with_context(|| format!("create {}", side.img.display()))?;
+        }
+        if tw.unavailable.is_none() {
+            match format_twinsum(cfg, &tw.img, &meta, None) {
+                Ok(()) => {
+                    let cmd = serve_twinsum(cfg, &dir.path, &tw, &meta, None);
+                    start_sized(&mut tw, cmd, &dir.path, size);
+                }
+                Err(e) => tw.fail(format!("{e:#}")),
+            }
+        }
+        if qsd.unavailable.is_none() {
+            let cmd = qsd_command(cfg, &qsd.img, &dir.path);
+            start_sized(&mut qsd, cmd, &dir.path, size);
+        }
+        let dur = Duration::from_secs_f64(cfg.secs);
+        for (i, w) in SCALE_WORKLOADS.iter().enumerate() {
+            // The flush workload only on the largest disk: the curve is
+            // about size, the flush row about the 1 TiB goal.
+            if !cfg.runs(w) || (w.flush_every > 0 && size != largest) {
+                continue;
+            }
+            let sides: [&mut Side; 2] = if i % 2 == 0 {
+                [&mut tw, &mut qsd]
+            } else {
+                [&mut qsd, &mut tw]
+            };
+            for side in sides {
+                if !side.ready() {
+                    continue;
+                }
+                match side.measure(w, dur) {
+                    Ok(r) => side.runs[i].push(r),
+                    Err(e) => {
+                        ok = false;
+                        side.fail(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        for side in [&mut tw, &mut qsd] {
+            if !side.ready() {
+                continue;
+            }
+            let client = side.client.as_mut().unwrap();
+            let res = client
+                .flush()
+                .and_then(|()| client.verify_sample(VERIFY_SAMPLES, SEED ^ size));
+            if let Err(e) = res {
+                ok = false;
+                side.fail(format!("read-back: {e:#}"));
+            }
+        }
+        if size == largest {
+            peak_rss = tw
+                .server
+                .as_ref()
+                .and_then(Server::pid)
+                .and_then(server::peak_rss_of);
+        }
+        for side in [&mut tw, &mut qsd] {
+            side.client = None;
+            if let Some(mut s) = side.server.take() {
+                s.stop(Duration::from_secs(60));
+            }
+        }
+        if tw.unavailable.is_none() {
+            ok &= check_twinsum(cfg, &tw.img, &meta);
+        }
+        for (i, w) in SCALE_WORKLOADS.iter().enumerate() {
+            rows.push((size, w, tw.median(i), qsd.median(i)));
+        }
+        for side in [&tw, &qsd] {
+            if let Some(why) = side
+                .unavailable
+                .as_ref()
+                .filter(|w| !w.contains("TWINSUM_BENCH_ONLY"))
+            {
+                println!("scale {} GiB: {} unavailable: {why}", size >> 30, side.name);
+                ok = false;
+            }
+        }
+    }
+
+    println!();
+    println!("scale curve: fresh sparse disks, 4k random I/O over the whole disk, 1 queue QD32");
+    println!(
+        "{:>8} {:<22} {:>9} {:>7}   {:>9} {:>7}   {:>6} {:>6}  result",
+        "disk", "workload", "twinsum", "cpu/io", "qsd", "cpu/io", "ratio", "goal"
+    );
+    let mut goals = true;
+    for (size, w, a, b) in &rows {
+        let (Some(a), Some(b)) = (a, b) else {
+            continue;
+        };
+        let ratio = a.stats.iops() / b.stats.iops();
+        let Goal::Ratio(g) = w.goal else { continue };
+        // The goals are for the 1 TiB disk; smaller ones show the curve.
+        let judged = *size == largest;
+        let met = ratio >= g;
+        if judged {
+            goals &= met;
+        }
+        println!(
+            "{:>7}G {:<22} {:>9.0} {:>7.1}   {:>9.0} {:>7.1}   {:>5.2}x {:>5}  {}",
+            size >> 30,
+            w.name,
+            a.stats.iops(),
+            a.cpu_per_io_us(),
+            b.stats.iops(),
+            b.cpu_per_io_us(),
+            ratio,
+            if judged {
+                format!("{g:.1}x")
+            } else {
+                "-".into()
+            },
+            match (judged, met) {
+                (false, _) => "",
+                (true, true) => "met",
+                (true, false) => "MISSED",
+            }
+        );
+    }
+    match peak_rss {
+        Some(rss) => {
+            let met = rss <= RSS_GOAL;
+            goals &= met;
+            println!(
+                "twinsum peak RSS serving the {} GiB disk: {} MiB (goal <= {} MiB) {}",
+                largest >> 30,
+                rss >> 20,
+                RSS_GOAL >> 20,
+                if met { "met" } else { "MISSED" }
+            );
+        }
+        None => println!("twinsum peak RSS: not measured"),
+    }
+    Ok((ok, goals))
 }
 
 fn for_pids(sides: &[&Side]) -> String {
@@ -629,20 +851,26 @@ fn for_pids(sides: &[&Side]) -> String {
 }
 
 fn start(cfg: &Config, side: &mut Side, cmd: Command, dir: &Path) {
+    start_sized(side, cmd, dir, cfg.size);
+}
+
+/// Start `side`'s server and connect to it with one queue, expecting a
+/// disk of `size` bytes.
+fn start_sized(side: &mut Side, cmd: Command, dir: &Path, size: u64) {
     let socket = dir.join(format!("{}.sock", side.name));
     let log = dir.join(format!("{}.log", side.name));
     let res = Server::spawn(side.name, cmd, &socket, &log).and_then(|s| {
         side.server = Some(s);
-        Client::connect(&socket, 1, SEED, None, false)
+        Client::connect(&socket, 1, SEED, None, side.sparse)
     });
     match res {
-        Ok(c) if c.capacity == cfg.size => {
+        Ok(c) if c.capacity == size => {
             side.written = Some(c.written.clone());
             side.client = Some(c);
         }
         Ok(c) => side.fail(format!(
-            "device capacity {} differs from the image size {}",
-            c.capacity, cfg.size
+            "device capacity {} differs from the image size {size}",
+            c.capacity
         )),
         Err(e) => {
             let tail = side
@@ -653,6 +881,28 @@ fn start(cfg: &Config, side: &mut Side, cmd: Command, dir: &Path) {
             side.fail(format!("{e:#} {tail}"));
         }
     }
+}
+
+/// qemu-storage-daemon exporting `img` on `dir`/qsd.sock.
+fn qsd_command(cfg: &Config, img: &Path, dir: &Path) -> Command {
+    // cache.direct=off: buffered I/O through the host page cache, as
+    // twinsum does with positioned read/write; aio=threads is the default
+    // and the closest match to twinsum's blocking syscalls
+    // (TWINSUM_BENCH_QSD_AIO=io_uring to see how much qsd gains).
+    let mut cmd = Command::new(&cfg.qsd);
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={},cache.direct=off,aio={}",
+            img.display(),
+            cfg.qsd_aio
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={}",
+            dir.join("qsd.sock").display(),
+            SERVER_QUEUES
+        ));
+    cmd
 }
 
 /// The workloads the keyed disk runs: one-queue reads at depth.

@@ -310,8 +310,32 @@ fn format_with_size_creates_a_sparse_image() {
     use std::os::unix::fs::MetadataExt;
     assert!(img.blocks() * 512 < 1 << 20, "image is sparse");
     let meta = fs::metadata(&disk.meta).expect("meta");
-    assert_eq!(meta.len(), 4096 + (1 << 30) / 4096 * 16);
-    assert!(meta.blocks() * 512 < 1 << 20, "table is a hole");
+    // Superblock, the pair table (4 MiB), then a metadata log as large.
+    assert_eq!(meta.len(), 4096 + (1 << 30) / 4096 * 16 + (4 << 20));
+    assert!(
+        meta.blocks() * 512 < (4 << 20) + (1 << 20),
+        "the table is a hole: only the log is allocated"
+    );
+    assert_exit(&disk.check(false), 0);
+
+    // --meta-log 0: the first format, without a log, the table alone.
+    fs::remove_file(&disk.meta).unwrap();
+    let o = twinsum(&[
+        "format",
+        "--data",
+        s(&disk.img),
+        "--meta",
+        s(&disk.meta),
+        "--meta-log",
+        "0",
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        fs::metadata(&disk.meta).unwrap().len(),
+        4096 + (1 << 30) / 4096 * 16
+    );
+    let o = twinsum(&["info", "--meta", s(&disk.meta), "--json"]);
+    assert_eq!(json(&o)["version"], 1);
     assert_exit(&disk.check(false), 0);
 }
 
@@ -362,7 +386,7 @@ fn info_json_has_the_documented_keys() {
     let o = twinsum(&["info", "--meta", s(&disk.meta), "--json"]);
     assert_exit(&o, 0);
     let j = json(&o);
-    assert_eq!(j["version"], 1);
+    assert_eq!(j["version"], 2);
     assert_eq!(j["block_size"], 512);
     assert_eq!(j["blocks"], 100);
     assert_eq!(j["data_size"], 51200);

@@ -180,7 +180,6 @@ fn status_fields_move_as_io_happens() {
     assert!(prom.contains("\ntwinsum_frontend_connected 1\n"), "{prom}");
 
     // The front-end goes: the orderly steps show.
-    drop(q);
     drop(c);
     let gone = poll("the disconnect in status", || {
         let st = status(&disk);
@@ -558,7 +557,6 @@ fn garbage_on_the_control_socket_leaves_the_daemon_serving() {
         (c.call(json!({"cmd": "status"}))["ok"] == true).then_some(())
     });
     q.flush().expect("flush");
-    drop(q);
     drop(c);
     let log = d.log();
     assert!(d.terminate().success(), "{log}");

@@ -58,10 +58,13 @@ use rand::{Rng, SeedableRng};
 
 use twinsum::integrity::hash::Checksum;
 use twinsum::integrity::{Engine, EngineError, EngineOptions, Op, StageConfig};
-use twinsum::io::volatile::{Fuse, FusedRegion, PowerCutReport, VolatileDevice, SECTOR_SIZE};
+use twinsum::io::volatile::testing::{FaultInjection, Fuse, FusedRegion};
+use twinsum::io::volatile::{PowerCutReport, VolatileDevice, SECTOR_SIZE};
 use twinsum::io::{Device, Region};
 use twinsum::key::Key;
-use twinsum::meta::{meta_len, Metadata, Superblock, HASH_BLAKE3_KEYED, PAIR_SIZE, TABLE_OFFSET};
+use twinsum::meta::{
+    meta_len, Metadata, Superblock, HASH_BLAKE3_KEYED, MIN_LOG_SIZE, PAIR_SIZE, TABLE_OFFSET,
+};
 use twinsum::stage::{MIN_CAPACITY, RING_START};
 
 const SECTOR: usize = SECTOR_SIZE as usize;
@@ -76,22 +79,38 @@ fn key_for(seed: u64) -> Option<Key> {
     (seed % 4 == 1).then(|| Key::from_bytes(&seed.to_le_bytes().repeat(4)).unwrap())
 }
 
-/// Format `meta` for `blocks` blocks of `bs` bytes, keyed if `key` is.
+/// The metadata log of seed `seed`'s disk: two seeds in three have one
+/// (format version 2), small so that it wraps and fills (a checkpoint then
+/// commits the round); the third has version 1 metadata, without a log.
+fn log_for(seed: u64) -> Option<u64> {
+    match seed % 3 {
+        0 => None,
+        1 => Some(MIN_LOG_SIZE),
+        _ => Some(4 * MIN_LOG_SIZE),
+    }
+}
+
+/// Formatted metadata of seed `seed` for `blocks` blocks of `bs` bytes,
+/// keyed if `key` is, with the log `log_for(seed)` says.
 fn format_meta(
-    meta: Arc<VolatileDevice>,
+    seed: u64,
     bs: usize,
     blocks: u64,
     salt: u64,
     clean: bool,
     key: Option<&Key>,
-) -> Result<Superblock, String> {
+) -> Result<Arc<VolatileDevice>, String> {
     let mut sb = Superblock::new(bs as u32, blocks * bs as u64, salt).map_err(|e| e.to_string())?;
+    if let Some(size) = log_for(seed) {
+        sb = sb.with_log(size);
+    }
     sb.clean = clean;
     if key.is_some() {
         sb.hash_id = HASH_BLAKE3_KEYED;
     }
-    Metadata::create_with(meta, sb.clone(), 4, key).map_err(|e| format!("format: {e}"))?;
-    Ok(sb)
+    let meta = Arc::new(VolatileDevice::zeroed(sb.meta_len()));
+    Metadata::create_with(meta.clone(), sb, 4, key).map_err(|e| format!("format: {e}"))?;
+    Ok(meta)
 }
 
 // ---- the reference model ---------------------------------------------------
@@ -186,6 +205,8 @@ struct Figures {
     deaths_in_replay: AtomicU64,
     /// Completed writes that a restarted engine replayed from the stage.
     replayed_writes: AtomicU64,
+    /// Metadata log records an engine replayed over the pair table at open.
+    log_records_replayed: AtomicU64,
     blocks_checked_after_death: AtomicU64,
 }
 
@@ -484,6 +505,10 @@ impl<'f> Case<'f> {
             )
         })?;
         Figures::add(&self.figures.replayed_writes, engine.replayed().writes);
+        Figures::add(
+            &self.figures.log_records_replayed,
+            engine.replayed().log_records,
+        );
         trace!(self, "opened; replayed {:?}", engine.replayed());
         Ok(engine)
     }
@@ -567,11 +592,10 @@ impl<'f> Case<'f> {
     /// A formatted, synced pair of images.
     fn format(&mut self) -> Result<(Vec<u8>, Vec<u8>), String> {
         let size = self.blocks * self.bs as u64;
-        let meta = Arc::new(VolatileDevice::zeroed(meta_len(self.blocks)));
         let clean = self.rng.gen_bool(0.5);
         let key = self.opts.key.clone();
-        format_meta(
-            meta.clone(),
+        let meta = format_meta(
+            self.seed,
             self.bs,
             self.blocks,
             self.salt,
@@ -1195,6 +1219,11 @@ fn crash_model() {
             ("process deaths", &figures.process_deaths, per(5_000)),
             ("deaths during replay", &figures.deaths_in_replay, per(300)),
             ("replayed writes", &figures.replayed_writes, per(2_000)),
+            (
+                "replayed log records",
+                &figures.log_records_replayed,
+                per(5_000),
+            ),
         ] {
             let have = Figures::get(have);
             assert!(
@@ -1207,7 +1236,7 @@ fn crash_model() {
 
 fn report(f: &Figures, elapsed: Duration) {
     eprintln!(
-        "crash model: {} cases ({} keyed, {} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
+        "crash model: {} cases ({} keyed, {} failed), {} crashes ({} power cuts, {} process deaths of which {} during replay; {} mid-operation), {} writes replayed from the stage, {} metadata log records replayed, {} blocks checked after power cuts, {} after process deaths, {} reads checked live, {} false mismatches, {} torn blocks detected, {} damaged blocks still detected, {:.1} s",
         Figures::get(&f.cases),
         Figures::get(&f.keyed_cases),
         Figures::get(&f.failed_cases),
@@ -1217,6 +1246,7 @@ fn report(f: &Figures, elapsed: Duration) {
         Figures::get(&f.deaths_in_replay),
         Figures::get(&f.mid_op_crashes),
         Figures::get(&f.replayed_writes),
+        Figures::get(&f.log_records_replayed),
         Figures::get(&f.blocks_checked),
         Figures::get(&f.blocks_checked_after_death),
         Figures::get(&f.reads_checked),
@@ -1255,12 +1285,11 @@ impl Rig {
         let bs: usize = if rng.gen_bool(0.5) { 512 } else { 4096 };
         let blocks = rng.gen_range(8..=64u64);
         let salt = rng.gen();
-        let meta = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
         let opts = EngineOptions {
             key: key_for(seed),
             ..EngineOptions::default()
         };
-        format_meta(meta.clone(), bs, blocks, salt, false, opts.key.as_ref()).unwrap();
+        let meta = format_meta(seed, bs, blocks, salt, false, opts.key.as_ref()).unwrap();
         let fuse = Arc::new(Fuse::new());
         let meta = Arc::new(
             VolatileDevice::from_bytes(meta.durable_snapshot().unwrap()).with_fuse(fuse.clone()),
@@ -1347,6 +1376,9 @@ impl Rig {
     /// engine may complete a write before issuing it (a write-back stage),
     /// and damage injected before that would simply be overwritten.
     fn landed(&self, b: u64) {
+        // Out of the stage too: a read serves a staged write from there,
+        // and would not see damage done to the device under it.
+        self.engine.drain();
         let mut buf = vec![0u8; self.bs];
         let t = Instant::now();
         loop {
@@ -1674,8 +1706,7 @@ fn run_concurrent_case(seed: u64, verbose: bool, figures: &Figures) -> Outcome {
     let salt = rng.gen();
     // `create` syncs: the durable image is the formatted metadata.
     let meta_img = {
-        let m = Arc::new(VolatileDevice::zeroed(meta_len(blocks)));
-        format_meta(m.clone(), bs, blocks, salt, false, opts.key.as_ref())?;
+        let m = format_meta(seed, bs, blocks, salt, false, opts.key.as_ref())?;
         m.durable_snapshot().map_err(|e| e.to_string())?
     };
     let zeros: Content = vec![0u8; bs].into();

@@ -152,6 +152,14 @@ impl Drop for Server {
 }
 
 /// utime + stime of a process from /proc/PID/stat.
+/// Peak resident set size of process `pid` (VmHWM), in bytes.
+pub fn peak_rss_of(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 pub fn cpu_time_of(pid: u32) -> Option<Duration> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields after the

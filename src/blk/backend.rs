@@ -38,9 +38,7 @@ use super::chain::DescTable;
 use super::config::{self, ConfigSpace};
 use super::execute::{BufPool, Disk};
 use super::guestmem;
-use super::request::{ParseError, Request, RequestError};
-use crate::integrity::EngineError;
-use crate::io::volatile::PowerSupply;
+use super::request::Request;
 
 /// Guest memory as the vhost-user crates share it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -92,9 +90,6 @@ pub struct BlkBackend {
     /// Rings the driver has started (bit per queue), to tell a device
     /// stop (all rings stopped) and a device start (a stopped ring runs).
     started: AtomicU64,
-    /// With `serve --volatile-cache`: once this is off, every request
-    /// fails with an I/O error.
-    power: Option<Arc<PowerSupply>>,
 }
 
 impl BlkBackend {
@@ -116,17 +111,7 @@ impl BlkBackend {
             exits: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             started: AtomicU64::new(0),
-            power: None,
         }
-    }
-
-    /// Fail every request once `power` is switched off. The devices under
-    /// the engine refuse I/O by then too, but the engine completes some
-    /// requests without touching them (writes held in its write-back
-    /// stage, reads served from it): a disk without power answers nothing.
-    pub fn with_power(mut self, power: Arc<PowerSupply>) -> Self {
-        self.power = Some(power);
-        self
     }
 
     /// The connection is over: stop the workers and wait for the batches
@@ -213,17 +198,9 @@ impl BlkBackend {
             return Ok(());
         }
         let limits = *self.disk.limits();
-        let powered = self.power.as_ref().map_or(true, |p| p.is_on());
         let parsed = heads
             .into_iter()
-            .map(|head| {
-                let r = Request::parse(&*mem, table, head, &limits);
-                if powered {
-                    r
-                } else {
-                    r.and_then(|r| Err(lost_power(r)))
-                }
-            })
+            .map(|head| Request::parse(&*mem, table, head, &limits))
             .collect();
         // In avail order, and added to the used ring in that order.
         let used = self.disk.run(&*mem, parsed, self.write_through(), pool);
@@ -290,21 +267,6 @@ fn check_rings<M: GuestMemory + ?Sized>(mem: &M, q: &Queue) -> Result<(), Stall>
         }
     }
     Ok(())
-}
-
-/// The failure of a request to a disk whose simulated power was cut.
-fn lost_power(r: Request) -> ParseError {
-    ParseError {
-        head: r.head,
-        status: Some(r.status),
-        error: RequestError::Engine(EngineError::Io {
-            what: "serving a request",
-            source: std::sync::Arc::new(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the disk has lost power",
-            )),
-        }),
-    }
 }
 
 impl VhostUserBackend for BlkBackend {

@@ -5,7 +5,7 @@
 //! and IN data is read into a buffer we own, verified, and only then copied
 //! to the guest.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
@@ -74,6 +74,8 @@ pub struct Disk {
     readonly: bool,
     serial: [u8; ID_LEN],
     log: RateLimit,
+    /// Why the disk stopped answering, once it did ([`Disk::halt`]).
+    halted: OnceLock<&'static str>,
 }
 
 /// A finished request: the head to return and the bytes written to it.
@@ -138,10 +140,24 @@ impl Disk {
             readonly,
             serial: id,
             log: RateLimit::new(20, Duration::from_secs(5)),
+            halted: OnceLock::new(),
         }
     }
 
-    pub fn engine(&self) -> &Engine {
+    /// Stop answering, for good: from now on every request fails with an
+    /// I/O error without reaching the engine, as a disk that lost its
+    /// power answers nothing. (The engine may still hold completed writes;
+    /// whoever halts the disk decides what becomes of them.)
+    pub fn halt(&self, why: &'static str) {
+        let _ = self.halted.set(why);
+    }
+
+    /// Whether [`halt`](Self::halt) was called.
+    pub fn halted(&self) -> bool {
+        self.halted.get().is_some()
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
@@ -247,8 +263,10 @@ impl Disk {
         let mut used = Vec::with_capacity(parsed.len());
         let mut jobs = Vec::new();
         let mut bytes = 0;
+        // Once per drain: a batch is served whole or refused whole.
+        let halted = self.halted.get().copied();
         for p in parsed {
-            let job = self.prepare(mem, p, pool);
+            let job = self.prepare(mem, p, halted, pool);
             bytes += job.work.bytes();
             jobs.push(job);
             if bytes >= BATCH_BYTES {
@@ -264,11 +282,13 @@ impl Disk {
         used
     }
 
-    /// Turn a parsed request into owned buffers ready for the engine.
+    /// Turn a parsed request into owned buffers ready for the engine; on a
+    /// disk `halted` for that reason, into a failure.
     fn prepare<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
         p: Result<Request, ParseError>,
+        halted: Option<&'static str>,
         pool: &mut BufPool,
     ) -> Job {
         let req = match p {
@@ -288,6 +308,10 @@ impl Disk {
             work: Work::Nothing,
             error: None,
         };
+        if let Some(why) = halted {
+            job.error = Some(RequestError::Halted(why));
+            return job;
+        }
         let modifies = matches!(req.kind, Kind::Write { .. } | Kind::Zero { .. });
         if modifies && self.readonly {
             job.error = Some(RequestError::ReadOnly);
@@ -484,8 +508,7 @@ mod tests {
 
     use super::*;
     use crate::blk::testutil::*;
-    use crate::io::volatile::MemDevice;
-    use crate::io::Device;
+    use crate::io::{Device, MemDevice};
 
     struct Fixture {
         data: Arc<MemDevice>,
@@ -617,6 +640,44 @@ mod tests {
         assert_eq!(status_of_req(&f, 2), 0);
         assert_eq!(used[2].len, 4097);
         assert!(f.data.to_vec().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_halted_disk_fails_every_request_without_reaching_the_engine() {
+        let f = fixture(false);
+        fill(&f, 0, 0x42, 4096);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 0, 4096)], false);
+        assert_eq!(status_of_req(&f, 0), 0);
+        assert!(!f.disk.halted());
+        f.disk.halt("for the test");
+        assert!(f.disk.halted());
+        let before = f.disk.engine().stats();
+        for k in 0..4 {
+            fill(&f, k, 0xee, 4096);
+        }
+        let used = run(
+            &f,
+            &[
+                req(VIRTIO_BLK_T_IN, 0, 4096),
+                req(VIRTIO_BLK_T_OUT, 8, 4096),
+                req(VIRTIO_BLK_T_FLUSH, 0, 0),
+                req(VIRTIO_BLK_T_GET_ID, 0, 64),
+            ],
+            false,
+        );
+        for k in 0..4 {
+            assert_eq!(
+                status_of_req(&f, k),
+                VIRTIO_BLK_S_IOERR as u8,
+                "request {k}"
+            );
+            assert_eq!(used[k as usize].len, 1, "only the status byte");
+        }
+        // The engine still holds the earlier write; it never sees these.
+        assert_eq!(guest(&f, 0, 4096), vec![0xee; 4096], "no data read");
+        assert_eq!(guest(&f, 3, 20), vec![0xee; 20], "no serial either");
+        let after = f.disk.engine().stats();
+        assert_eq!((after.reads, after.writes), (before.reads, before.writes));
     }
 
     #[test]

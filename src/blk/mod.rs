@@ -2,11 +2,16 @@
 //!
 //! - [`chain`]: walk a descriptor chain, checking every link.
 //! - [`request`]: parse and validate one descriptor chain (no I/O).
-//! - [`execute`]: run a drained ring as one engine batch, with owned buffers.
+//! - [`execute`]: run a drained ring as one engine batch, with owned
+//!   buffers ([`execute::Disk`], the disk as one connection sees it).
 //! - [`config`]: feature bits and the config space.
 //! - [`backend`]: the vhost-user backend of one front-end connection.
 //! - [`guestmem`]: memory tables checked against their files, and a
 //!   SIGBUS handler for a file that shrinks later.
+//! - [`served`]: the disk being served across connections (write-back,
+//!   synchronous mode, power cuts, the final stop).
+//! - `medium`: what that disk is made of — the real files with their
+//!   stage, or the same files behind simulated volatile caches.
 //! - [`server`]: socket, connection loop, signals, periodic write-back.
 
 pub mod backend;
@@ -14,8 +19,10 @@ pub mod chain;
 pub mod config;
 pub mod execute;
 pub mod guestmem;
+mod medium;
 pub(crate) mod ratelimit;
 pub mod request;
+pub mod served;
 pub mod server;
 #[cfg(test)]
 mod testutil;

@@ -171,6 +171,8 @@ pub enum RequestError {
     UnsupportedType(u32),
     #[error("the disk is read-only")]
     ReadOnly,
+    #[error("the disk has stopped: {0}")]
+    Halted(&'static str),
     #[error("malformed descriptor chain: {0}")]
     Chain(#[from] ChainError),
     #[error(

@@ -6,29 +6,24 @@
 //! (a restarted VM reattaches). SIGTERM/SIGINT end the process after the
 //! same orderly stop; SIGUSR1 switches to synchronous metadata (DESIGN §4).
 //!
-//! With `--volatile-cache` ([`power`]), SIGUSR2 cuts the simulated power:
-//! the connected front-end's disk goes dead (every request fails), and a
-//! fresh engine on what survived serves the next front-end, as a freshly
-//! started twinsum would.
+//! SIGUSR2 asks the disk being served ([`Served`]) for a power cut, which
+//! only a `--volatile-cache` disk can do.
 //!
-//! With `--control PATH`, [`crate::control`] serves a second socket whose
-//! `sync-mode` and `power-cut` commands run the code of SIGUSR1 and SIGUSR2
-//! ([`Served::enter_sync_mode`], [`Served::power_cut`]) and answer with
-//! its result.
+//! With `--control PATH`, [`crate::control`] serves a second socket on the
+//! same [`Served`]: its `sync-mode` and `power-cut` run what SIGUSR1 and
+//! SIGUSR2 run, and answer with the result.
 
-mod power;
-
-pub use power::VolatileCacheConfig;
+pub use crate::io::volatile::VolatileCacheConfig;
 
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -37,18 +32,11 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::power::{CutSummary, VolatileDisk};
 use super::backend::BlkBackend;
-use super::config;
-use super::execute::Disk;
 use super::guestmem;
-use super::request::ID_LEN;
-use crate::control::CommandError;
-use crate::integrity::{Engine, EngineError, EngineOptions, OnMismatch, StageConfig};
-use crate::io::volatile::PowerSupply;
-use crate::io::{FileDevice, MappedFile, OpenFlags, Region};
+use super::served::{PowerCut, Served};
+use crate::integrity::{EngineError, OnMismatch};
 use crate::key::Key;
-use crate::meta::DeviceRef;
 
 /// A validated `serve` configuration.
 #[derive(Debug, Clone)]
@@ -130,7 +118,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let _socket_lock = lock_socket(&cfg.socket)?;
     let served = Arc::new(Served::open(&cfg)?);
-    let limits = *served.current().disk.limits();
+    let limits = *served.disk().limits();
 
     let listener = bind_socket(&cfg.socket)?;
     let control_listener = match cfg.control.as_deref().map(bind_socket).transpose() {
@@ -153,7 +141,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         if cfg.readonly { ", read-only" } else { "" },
         cfg.socket.display(),
         cfg.queues,
-        served.spec.serial,
+        served.serial(),
         if cfg.volatile_cache.is_some() {
             ", volatile write cache"
         } else {
@@ -167,6 +155,22 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         conn: Mutex::new(None),
         socket: cfg.socket.clone(),
     });
+    let control_server = match control_listener {
+        None => None,
+        Some(l) => {
+            let c = control.clone();
+            match crate::control::Server::start(l, served.clone(), move || c.request_stop()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    if let Err(stop) = served.stop() {
+                        log::error!("{}", crate::error::Chain(&stop));
+                    }
+                    remove_sockets(&cfg);
+                    return Err(ServeError::Control(e));
+                }
+            }
+        }
+    };
     let writeback = {
         let served = served.clone();
         Periodic::start(cfg.writeback_interval, move || served.writeback())
@@ -178,455 +182,19 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .spawn(move || signal_loop(signals, &control, &served))
             .map_err(ServeError::Signals)?
     };
-    let control_server = match control_listener {
-        Some(l) => {
-            let daemon = Arc::new(ControlDaemon {
-                served: served.clone(),
-                control: control.clone(),
-                queues: cfg.queues,
-                readonly: cfg.readonly,
-            });
-            match crate::control::Server::start(l, daemon) {
-                Ok(s) => {
-                    if let Some(p) = &cfg.control {
-                        log::info!("control socket on {}", p.display());
-                    }
-                    Some(s)
-                }
-                Err(e) => {
-                    log::error!("cannot start the control socket: {e}; stopping");
-                    control.request_stop();
-                    None
-                }
-            }
-        }
-        None => None,
-    };
 
     let result = serve_connections(&cfg, &served, &control, listener);
 
     writeback.stop();
-    // Before the final stop: the scrub reads the disk the stop cleans.
-    if let Some(c) = control_server {
-        c.stop();
-    }
+    // Before the final stop: a scrub reads the disk the stop cleans.
+    drop(control_server);
     let result = result.and(served.stop());
-    remove_socket(&cfg.socket);
-    if let Some(p) = &cfg.control {
-        remove_socket(p);
-    }
+    remove_sockets(&cfg);
     if result.is_ok() {
         // It has seen SIGTERM/SIGINT, or we would not be here.
         let _ = sig_thread.join();
     }
     result
-}
-
-/// The disk a front-end gets: the engine, and with `--volatile-cache` the
-/// power supply its devices hang off.
-#[derive(Clone)]
-struct Current {
-    disk: Arc<Disk>,
-    /// The disk's engine, for the control socket's status and scrub.
-    engine: Arc<Engine>,
-    power: Option<Arc<PowerSupply>>,
-}
-
-impl Current {
-    /// The simulated power of this disk was cut.
-    fn lost_power(&self) -> bool {
-        self.power.as_ref().is_some_and(|p| !p.is_on())
-    }
-}
-
-/// How to open the engine, at start and again after each power cut.
-struct DiskSpec {
-    opts: EngineOptions,
-    readonly: bool,
-    serial: String,
-}
-
-impl DiskSpec {
-    fn open(
-        &self,
-        (data, meta): (DeviceRef, DeviceRef),
-        power: Option<Arc<PowerSupply>>,
-    ) -> Result<Current, ServeError> {
-        let engine = Engine::open(data, meta, self.opts.clone()).map_err(ServeError::Engine)?;
-        self.current(engine, power)
-    }
-
-    /// Open on the real files with the stage at `path`: replay what a dead
-    /// twinsum left in it, then serve with a fresh stage of the configured
-    /// size.
-    fn open_staged(
-        &self,
-        (data, meta): (DeviceRef, DeviceRef),
-        path: &Path,
-        bytes: u64,
-    ) -> Result<Current, ServeError> {
-        let boot = crate::stage::boot_id().map_err(|source| ServeError::Stage {
-            path: path.to_owned(),
-            source,
-        })?;
-        let len = crate::stage::RING_START + bytes;
-        let stage_err = |source| ServeError::Stage {
-            path: path.to_owned(),
-            source,
-        };
-        let engine_err = |source| ServeError::StageEngine {
-            path: path.to_owned(),
-            source,
-        };
-        let existing = match fs::metadata(path) {
-            Ok(m) => m.len() > 0,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(stage_err(e)),
-        };
-        if existing {
-            let region = Arc::new(MappedFile::open(path, None).map_err(stage_err)?);
-            if region.len() != len {
-                // Replay on the old stage, write everything out, then start
-                // over at the new size.
-                let engine = Engine::open_with_stage(
-                    data.clone(),
-                    meta.clone(),
-                    StageConfig {
-                        region: region.clone(),
-                        boot,
-                    },
-                    self.opts.clone(),
-                )
-                .map_err(engine_err)?;
-                if !engine.make_clean().map_err(engine_err)? {
-                    return Err(engine_err(EngineError::Stopping));
-                }
-                drop(engine);
-                drop(region);
-            } else {
-                let engine = Engine::open_with_stage(
-                    data,
-                    meta,
-                    StageConfig { region, boot },
-                    self.opts.clone(),
-                )
-                .map_err(engine_err)?;
-                return self.current(engine, None);
-            }
-        }
-        let region = Arc::new(MappedFile::open(path, Some(len)).map_err(stage_err)?);
-        let engine =
-            Engine::open_with_stage(data, meta, StageConfig { region, boot }, self.opts.clone())
-                .map_err(engine_err)?;
-        self.current(engine, None)
-    }
-
-    fn current(
-        &self,
-        engine: Engine,
-        power: Option<Arc<PowerSupply>>,
-    ) -> Result<Current, ServeError> {
-        let limits = config::limits(engine.block_size(), engine.blocks());
-        let engine = Arc::new(engine);
-        let disk = Disk::new(engine.clone(), limits, self.readonly, &self.serial);
-        Ok(Current {
-            disk: Arc::new(disk),
-            engine,
-            power,
-        })
-    }
-}
-
-/// The disk being served. A power cut replaces it by a fresh one opened on
-/// what survived; everything that outlives one front-end (the write-back
-/// thread, signals, the final stop) reaches the disk through here.
-struct Served {
-    spec: DiskSpec,
-    state: Mutex<ServedState>,
-    /// The stage file, removed after an orderly stop that emptied it.
-    stage: Option<PathBuf>,
-}
-
-struct ServedState {
-    current: Current,
-    volatile: Option<VolatileDisk>,
-    /// A power cut or the reopen after it failed: nothing is served any
-    /// more, and `serve` returns this once it has stopped.
-    failed: Option<ServeError>,
-}
-
-impl Served {
-    fn open(cfg: &ServeConfig) -> Result<Self, ServeError> {
-        let flags = OpenFlags {
-            writable: !cfg.readonly,
-            lock: true,
-        };
-        let data: DeviceRef =
-            Arc::new(FileDevice::open(&cfg.data, flags).map_err(ServeError::Open)?);
-        let meta: DeviceRef =
-            Arc::new(FileDevice::open(&cfg.meta, flags).map_err(ServeError::Open)?);
-        let spec = DiskSpec {
-            opts: EngineOptions {
-                on_mismatch: cfg.on_mismatch,
-                readonly: cfg.readonly,
-                stage_bytes: cfg.stage_bytes,
-                key: cfg.key.clone(),
-                ..EngineOptions::default()
-            },
-            readonly: cfg.readonly,
-            serial: match &cfg.serial {
-                Some(s) => s.clone(),
-                None => default_serial(&cfg.data),
-            },
-        };
-        let (current, volatile) = match &cfg.volatile_cache {
-            None if cfg.readonly => {
-                refuse_waiting_stage(&cfg.stage)?;
-                (spec.open((data, meta), None)?, None)
-            }
-            None => (
-                spec.open_staged((data, meta), &cfg.stage, cfg.stage_bytes)?,
-                None,
-            ),
-            Some(v) => {
-                let v = VolatileDisk::new(data, meta, v).map_err(ServeError::Open)?;
-                (spec.open(v.devices(), Some(v.supply().clone()))?, Some(v))
-            }
-        };
-        let stage = (cfg.volatile_cache.is_none() && !cfg.readonly).then(|| cfg.stage.clone());
-        Ok(Self {
-            spec,
-            state: Mutex::new(ServedState {
-                current,
-                volatile,
-                failed: None,
-            }),
-            stage,
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ServedState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The disk a front-end connecting now gets.
-    fn current(&self) -> Current {
-        self.lock().current.clone()
-    }
-
-    /// Run `f` on the current disk unless its power was cut (a dead disk
-    /// writes nothing, and trying only logs errors): `None` then. The lock
-    /// is held, so no cut happens while `f` runs.
-    fn with_powered<T>(&self, f: impl FnOnce(&Disk) -> T) -> Option<T> {
-        let st = self.lock();
-        (st.failed.is_none() && !st.current.lost_power()).then(|| f(&st.current.disk))
-    }
-
-    fn writeback(&self) {
-        self.with_powered(|d| d.writeback());
-    }
-
-    /// SIGUSR1 and the control socket's `sync-mode`: `Ok(true)` once the
-    /// metadata is current and kept so, `Ok(false)` on a read-only disk;
-    /// `None` when nothing is served.
-    fn enter_sync_mode(&self, why: &str) -> Option<Result<bool, EngineError>> {
-        self.with_powered(|d| d.try_enter_sync_mode(why))
-    }
-
-    /// The engine serving now, unless a power cut failed.
-    fn engine(&self) -> Option<Arc<Engine>> {
-        let st = self.lock();
-        st.failed.is_none().then(|| st.current.engine.clone())
-    }
-
-    fn power_cuts(&self) -> Option<u64> {
-        self.lock().volatile.as_ref().map(VolatileDisk::cuts)
-    }
-
-    /// The front-end that had `conn` went away: the orderly steps of
-    /// DESIGN §4, unless that disk lost its power meanwhile — then its
-    /// engine is dropped without writing anything, as a crashed one.
-    fn frontend_gone(&self, conn: &Current) {
-        let st = self.lock();
-        if st.failed.is_some() || conn.lost_power() {
-            log::info!(
-                "the front-end of the powered-off disk went away; its engine is dropped \
-                 without writing anything"
-            );
-            return;
-        }
-        conn.disk.enter_sync_mode("front-end disconnected");
-        conn.disk.make_clean("front-end disconnected");
-    }
-
-    /// SIGUSR2 and the control socket's `power-cut`: cut the power, then
-    /// open a fresh engine on what survived. [`CutRefused::Failed`]: that
-    /// failed and the server must stop.
-    fn power_cut(&self, why: &str) -> Result<CutSummary, CutRefused> {
-        let mut st = self.lock();
-        let ServedState {
-            current,
-            volatile,
-            failed,
-        } = &mut *st;
-        let Some(v) = volatile.as_mut() else {
-            log::warn!("{why}: a power cut needs serve --volatile-cache; ignoring it");
-            return Err(CutRefused::NotVolatile);
-        };
-        if failed.is_some() {
-            return Err(CutRefused::Failed);
-        }
-        log::info!("{why}: cutting the power");
-        // Writes the engine completed but still holds in its own write-back
-        // stage go to the simulated cache first, so that the cut keeps or
-        // loses each of them at random like any other un-synced write
-        // rather than losing them all.
-        current.disk.engine().drain();
-        let summary = match v.cut() {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("the power cut failed: {e}; stopping");
-                *failed = Some(ServeError::PowerCut(e));
-                return Err(CutRefused::Failed);
-            }
-        };
-        log::info!("{summary}");
-        log::info!(
-            "the connected front-end (if any) now gets an I/O error for every request; \
-             power is back for the next one"
-        );
-        match self.spec.open(v.devices(), Some(v.supply().clone())) {
-            Ok(c) => {
-                *current = c;
-                log::info!(
-                    "reopened the disk on what survived the cut, as a freshly started twinsum would"
-                );
-                Ok(summary)
-            }
-            Err(e) => {
-                log::error!("cannot reopen the disk after the power cut: {e}; stopping");
-                *failed = Some(e);
-                Err(CutRefused::Failed)
-            }
-        }
-    }
-
-    /// Orderly stop of the current disk; the error of a failed power cut.
-    fn stop(&self) -> Result<(), ServeError> {
-        let mut st = self.lock();
-        if let Some(e) = st.failed.take() {
-            return Err(e);
-        }
-        let disk = &st.current.disk;
-        let emptied = disk.make_clean("stopping");
-        if let Some(path) = &self.stage {
-            if emptied {
-                if let Err(e) = fs::remove_file(path) {
-                    log::warn!(
-                        "cannot remove the empty write-back stage {}: {e}",
-                        path.display()
-                    );
-                }
-            } else {
-                log::warn!(
-                    "the write-back stage {} still holds {} completed writes; the next start replays them",
-                    path.display(),
-                    disk.engine().stats().queued
-                );
-            }
-        }
-        let s = disk.engine().stats();
-        log::info!(
-            "stopped: {} reads, {} writes, {} checksum mismatches, {} data syncs ({} ms), {} metadata syncs ({} ms), {} commit rounds{}",
-            s.reads,
-            s.writes,
-            s.mismatches,
-            s.data_syncs,
-            s.data_sync_us / 1000,
-            s.meta_syncs,
-            s.meta_sync_us / 1000,
-            s.rounds,
-            match st.volatile.as_ref().map_or(0, VolatileDisk::cuts) {
-                0 => String::new(),
-                n => format!(" since power cut #{n}"),
-            },
-        );
-        Ok(())
-    }
-}
-
-/// Why [`Served::power_cut`] did not cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CutRefused {
-    /// Not `--volatile-cache`: there is no simulated power to cut.
-    NotVolatile,
-    /// The cut or the reopen after it failed: nothing is served any more.
-    Failed,
-}
-
-/// The daemon as the control socket sees it: every command runs the code
-/// its signal runs.
-struct ControlDaemon {
-    served: Arc<Served>,
-    control: Arc<Control>,
-    queues: u16,
-    readonly: bool,
-}
-
-impl crate::control::Daemon for ControlDaemon {
-    fn engine(&self) -> Option<Arc<Engine>> {
-        self.served.engine()
-    }
-
-    fn info(&self) -> crate::control::DaemonInfo {
-        crate::control::DaemonInfo {
-            frontend_connected: self
-                .control
-                .conn
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_some(),
-            queues: self.queues,
-            readonly: self.readonly,
-            power_cuts: self.served.power_cuts(),
-        }
-    }
-
-    fn enter_sync_mode(&self) -> Result<bool, CommandError> {
-        match self.served.enter_sync_mode("control socket") {
-            Some(Ok(written)) => Ok(written),
-            Some(Err(source)) => Err(CommandError::Engine {
-                what: "cannot switch to synchronous metadata",
-                source,
-            }),
-            None => Err(CommandError::NotServing),
-        }
-    }
-
-    fn power_cut(&self) -> Result<crate::control::PowerCut, CommandError> {
-        match self.served.power_cut("control socket") {
-            Ok(c) => Ok(crate::control::PowerCut {
-                number: c.number,
-                seed: c.seed,
-                data_unit: c.data_unit,
-                data_kept: c.data.0 as u64,
-                data_unsynced: c.data.1 as u64,
-                meta_kept: c.meta.0 as u64,
-                meta_unsynced: c.meta.1 as u64,
-                destages: c.destages,
-            }),
-            Err(CutRefused::NotVolatile) => Err(CommandError::Refused(
-                "a power cut needs serve --volatile-cache".into(),
-            )),
-            Err(CutRefused::Failed) => {
-                // As after SIGUSR2: nothing is left to serve.
-                self.control.request_stop();
-                Err(CommandError::Refused(
-                    "the power cut failed; twinsum is stopping (its log says why)".into(),
-                ))
-            }
-        }
-    }
 }
 
 /// What the signal thread shares with the connection loop.
@@ -678,18 +246,15 @@ fn serve_connections(
         // The handler's memory: the backend checks each table put there
         // before its workers see it (BlkBackend::update_memory).
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let conn = served.current();
-        let mut backend = BlkBackend::new(conn.disk.clone(), cfg.queues, cfg.queue_size);
-        if let Some(p) = &conn.power {
-            backend = backend.with_power(p.clone());
-        }
-        let backend = Arc::new(backend);
+        let disk = served.disk();
+        let backend = Arc::new(BlkBackend::new(disk.clone(), cfg.queues, cfg.queue_size));
         let mut daemon = VhostUserDaemon::new("twinsum".into(), backend.clone(), mem)
             .map_err(|e| ServeError::Vhost(e.to_string()))?;
         daemon
             .start(&mut listener)
             .map_err(|e| ServeError::Vhost(e.to_string()))?;
         log::info!("front-end connected");
+        served.frontend_came();
         *control.conn.lock().unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
         if control.stopping() {
             daemon.request_shutdown();
@@ -708,37 +273,11 @@ fn serve_connections(
         // connection's rings again.
         backend.close();
         drop(daemon);
-        served.frontend_gone(&conn);
+        served.frontend_gone(&disk);
         // Unmap the front-end's memory now rather than at the next memory
         // table: a guest's RAM stays allocated while anyone maps it.
         drop(backend);
         guestmem::forget_unused();
-    }
-}
-
-/// A read-only server cannot replay a stage: refuse to hide the writes it
-/// holds.
-fn refuse_waiting_stage(path: &Path) -> Result<(), ServeError> {
-    let region = match crate::io::FileRegion::open_readonly(path) {
-        Ok(r) => r,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServeError::Stage {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    match crate::stage::Stage::inspect(&region) {
-        Ok(Some(i)) if i.records > 0 => Err(ServeError::StageEngine {
-            path: path.to_owned(),
-            source: EngineError::StageNeedsReplay(i.records as usize),
-        }),
-        Ok(_) => Ok(()),
-        Err(e) => Err(ServeError::StageEngine {
-            path: path.to_owned(),
-            source: e.into(),
-        }),
     }
 }
 
@@ -815,10 +354,17 @@ fn lock_socket(socket: &Path) -> Result<UnixListener, ServeError> {
     }
 }
 
-/// Remove a socket file we created, at exit.
 fn remove_socket(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         log::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
+/// Remove the sockets we created, at exit.
+fn remove_sockets(cfg: &ServeConfig) {
+    remove_socket(&cfg.socket);
+    if let Some(p) = &cfg.control {
+        remove_socket(p);
     }
 }
 
@@ -849,18 +395,6 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     bound.map_err(err)
-}
-
-/// A GET_ID serial that stays the same while the image file does: a hash
-/// of its device and inode numbers.
-fn default_serial(data: &Path) -> String {
-    let key = match fs::metadata(data) {
-        Ok(m) => [m.dev().to_le_bytes(), m.ino().to_le_bytes()].concat(),
-        Err(_) => data.as_os_str().as_encoded_bytes().to_vec(),
-    };
-    let mut s = format!("ts{:016x}", xxhash_rust::xxh3::xxh3_64(&key));
-    s.truncate(ID_LEN);
-    s
 }
 
 /// The signals we handle, blocked in every thread.
@@ -899,10 +433,12 @@ fn signal_loop(set: libc::sigset_t, control: &Control, served: &Served) {
                 // Logged by the disk; a signal has no one to answer.
                 let _ = served.enter_sync_mode("SIGUSR1");
             }
-            // The guard runs the cut; a failed one leaves nothing to serve.
-            libc::SIGUSR2 if served.power_cut("SIGUSR2") == Err(CutRefused::Failed) => {
-                control.request_stop();
-                return;
+            // A failed cut leaves nothing to serve.
+            libc::SIGUSR2 => {
+                if let PowerCut::Failed = served.power_cut("SIGUSR2") {
+                    control.request_stop();
+                    return;
+                }
             }
             libc::SIGTERM | libc::SIGINT => {
                 let name = if sig == libc::SIGTERM {
@@ -993,19 +529,6 @@ mod tests {
         p2.stop();
         p.stop();
         assert!(t.elapsed() < Duration::from_secs(10));
-    }
-
-    #[test]
-    fn the_default_serial_is_stable_and_fits() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.img");
-        let b = dir.path().join("b.img");
-        fs::write(&a, b"x").unwrap();
-        fs::write(&b, b"y").unwrap();
-        let sa = default_serial(&a);
-        assert!(sa.len() <= ID_LEN);
-        assert_eq!(sa, default_serial(&a));
-        assert_ne!(sa, default_serial(&b));
     }
 
     #[test]

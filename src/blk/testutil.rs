@@ -16,7 +16,7 @@ use super::config;
 use super::execute::Disk;
 use super::request::{Limits, ParseError, Request};
 use crate::integrity::{Engine, EngineOptions};
-use crate::io::volatile::MemDevice;
+use crate::io::MemDevice;
 use crate::meta::{meta_len, DeviceRef, Metadata, Superblock};
 
 pub const BS: u32 = 4096;

@@ -1,8 +1,7 @@
 //! `twinsum format`: write fresh metadata for IMG.
 //!
-//! Only data regions are read: holes and all-zero blocks keep the zero pair
-//! of a fresh (sparse) table, so formatting a sparse image costs no hashing
-//! and no table writes. Every other block gets `(c, c)`.
+//! The files are checked and opened here; the format itself is
+//! [`Formatter`]'s, fed only the image's data regions (holes cost nothing).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,10 +9,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use twinsum::integrity::hash::{self, Checksum};
+use twinsum::integrity::format::Formatter;
+use twinsum::integrity::hash;
 use twinsum::io::{Device, FileDevice, OpenFlags};
 use twinsum::key::Key;
-use twinsum::meta::{meta_len, Metadata, Pair, Superblock, HASH_BLAKE3_KEYED, SUPERBLOCK_SIZE};
+use twinsum::meta::{meta_len, Superblock, SUPERBLOCK_SIZE};
 
 use super::check::{progress_bar, scan_data};
 
@@ -43,7 +43,16 @@ pub struct FormatArgs {
     /// if group or others may read or write FILE.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// MiB of metadata log after the pair table (format version 2): each
+    /// commit then appends one sequential record instead of writing a
+    /// table page per block. 0 writes version 1 metadata, without a log
+    /// [default: the table's size, between 1 and 16 MiB].
+    #[arg(long, value_name = "MIB")]
+    meta_log: Option<u64>,
 }
+
+/// Largest `--meta-log`.
+const MAX_LOG_MIB: u64 = 4096;
 
 /// Validated `format` arguments.
 #[derive(Debug)]
@@ -54,6 +63,8 @@ struct FormatConfig {
     block_size: u32,
     force: bool,
     key: Option<Key>,
+    /// Bytes of metadata log (0: version 1); `None`: sized from the table.
+    log_size: Option<u64>,
 }
 
 impl TryFrom<FormatArgs> for FormatConfig {
@@ -66,6 +77,9 @@ impl TryFrom<FormatArgs> for FormatConfig {
         if let Some(size) = a.size {
             check_size(size, a.block_size).context("bad --size")?;
         }
+        if let Some(mib) = a.meta_log.filter(|&m| m > MAX_LOG_MIB) {
+            bail!("--meta-log must be at most {MAX_LOG_MIB} MiB, not {mib}");
+        }
         Ok(Self {
             data: a.data,
             meta: a.meta,
@@ -73,13 +87,10 @@ impl TryFrom<FormatArgs> for FormatConfig {
             block_size: a.block_size,
             force: a.force,
             key: super::load_key(a.key_file.as_ref())?,
+            log_size: a.meta_log.map(|m| m << 20),
         })
     }
 }
-
-/// Metadata pages cached while formatting: pairs are set in block order, so
-/// a few pages suffice; write-back happens per data chunk.
-const CACHE_PAGES: usize = 64;
 
 pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let cfg = FormatConfig::try_from(args)?;
@@ -89,28 +100,37 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     let data_size = data.size();
     check_size(data_size, cfg.block_size)
         .with_context(|| format!("cannot format {}", cfg.data.display()))?;
-    let mut sb = Superblock::new(cfg.block_size, data_size, rand::random())?;
-    if cfg.key.is_some() {
-        sb.hash_id = HASH_BLAKE3_KEYED;
-    }
-    let meta_dev = create_meta(&cfg.meta, meta_len(sb.blocks))?;
-    let mut meta = Metadata::create_with(Arc::new(meta_dev), sb, CACHE_PAGES, cfg.key.as_ref())
-        .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
-    let done = hash_data(&mut meta, &data)
-        .with_context(|| format!("formatting {}", cfg.data.display()))
-        .and_then(|hashed| {
-            mark_clean(&mut meta)
-                .with_context(|| format!("cannot finish {}", cfg.meta.display()))?;
-            Ok(hashed)
-        });
-    let hashed = match done {
-        Ok(hashed) => hashed,
-        Err(e) => {
-            invalidate(&meta);
-            return Err(e);
-        }
-    };
-    let sb = meta.superblock();
+    let blocks = data_size / u64::from(cfg.block_size);
+    // A log as large as the table it fronts, within 1..=16 MiB: room for
+    // seconds of commit rounds between checkpoints on any disk, and no
+    // more than the table itself on a small one.
+    let log_size = cfg.log_size.unwrap_or_else(|| {
+        (blocks * 16)
+            .next_multiple_of(1 << 20)
+            .clamp(1 << 20, 16 << 20)
+    });
+    let meta_dev = create_meta(&cfg.meta, meta_len(blocks) + log_size)?;
+    let mut f = Formatter::create(
+        Arc::new(meta_dev),
+        cfg.block_size,
+        data_size,
+        cfg.key.as_ref(),
+        log_size,
+    )
+    .with_context(|| format!("cannot write metadata {}", cfg.meta.display()))?;
+    let progress = progress_bar(data_size, "formatting");
+    scan_data(&data, f.block_size(), |offset, chunk| {
+        f.add(offset, chunk)?;
+        progress.set_position(offset + chunk.len() as u64);
+        Ok(())
+    })
+    .with_context(|| format!("formatting {}", cfg.data.display()))?;
+    progress.finish_and_clear();
+    // On an error, the unfinished format wiped its superblock.
+    let done = f
+        .finish()
+        .with_context(|| format!("cannot finish {}", cfg.meta.display()))?;
+    let sb = &done.superblock;
     writeln!(
         std::io::stdout(),
         "formatted {} for {}: {} blocks of {} bytes, {} hashed, the rest read as zeros{}",
@@ -118,7 +138,7 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
         cfg.data.display(),
         sb.blocks,
         sb.block_size,
-        hashed,
+        done.hashed,
         if cfg.key.is_some() {
             "; keyed checksums (blake3-keyed)"
         } else {
@@ -235,58 +255,6 @@ fn create_meta(path: &Path, len: u64) -> anyhow::Result<FileDevice> {
     }
     FileDevice::create(path, len, path.exists(), true)
         .with_context(|| format!("cannot create metadata {}", path.display()))
-}
-
-/// Store `(c, c)` for every block with non-zero content. Returns how many.
-fn hash_data(meta: &mut Metadata, data: &FileDevice) -> anyhow::Result<u64> {
-    let sb = meta.superblock().clone();
-    let sum = Checksum::of(&sb, meta.key())?;
-    let bs = u64::from(sb.block_size);
-    let progress = progress_bar(data.size(), "formatting");
-    let mut hashed = 0;
-    scan_data(data, bs, |offset, chunk| {
-        let first = offset / bs;
-        for (i, block_data) in chunk.chunks_exact(bs as usize).enumerate() {
-            if hash::is_zero(block_data) {
-                continue;
-            }
-            let block = first + i as u64;
-            let c = sum.block_hash(block, block_data);
-            meta.set(block, Pair { new: c, old: c })?;
-            hashed += 1;
-        }
-        // Pages are finished in order: write them in big runs now rather
-        // than one at a time on eviction.
-        meta.write_dirty()?;
-        progress.set_position(offset + chunk.len() as u64);
-        Ok(())
-    })?;
-    progress.finish_and_clear();
-    Ok(hashed)
-}
-
-/// Make the table durable, then mark the superblock clean.
-fn mark_clean(meta: &mut Metadata) -> anyhow::Result<()> {
-    meta.write_dirty()?;
-    meta.device().sync().context("syncing the pair table")?;
-    let mut sb = meta.superblock().clone();
-    sb.clean = true;
-    meta.store_superblock(sb)?;
-    Ok(())
-}
-
-/// After a failed format the table is incomplete, and a valid superblock
-/// over it would make blocks that were never hashed fail to verify. Wipe
-/// the superblock so nothing opens it; best effort, as we are failing
-/// already.
-fn invalidate(meta: &Metadata) {
-    let dev = meta.device();
-    let wiped = dev
-        .write_at(&[0u8; SUPERBLOCK_SIZE], 0)
-        .and_then(|()| dev.sync());
-    if let Err(e) = wiped {
-        log::warn!("cannot wipe the superblock of the failed format: {e}");
-    }
 }
 
 /// A size must be a positive whole number of blocks.

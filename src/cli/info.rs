@@ -40,6 +40,11 @@ struct Info {
     generation: u64,
     /// "xxh3-64", or "blake3-keyed" for a disk formatted with a key.
     hash: &'static str,
+    /// Bytes of metadata log (format version 2; 0 for version 1).
+    log_size: u64,
+    /// Log records since the last checkpoint: what a crash left to replay
+    /// (the next serve folds them into the table).
+    log_records: u64,
     /// Completed writes waiting in the write-back stage (0: none).
     stage_writes: u64,
     /// Why the stage cannot be read, if so.
@@ -59,6 +64,8 @@ impl From<&Superblock> for Info {
             clean: sb.clean,
             sync_mode: sb.sync_mode,
             salt: format!("{:#018x}", sb.salt),
+            log_size: sb.log_size,
+            log_records: 0,
             generation: sb.generation,
             hash: hash_name(sb.hash_id),
             stage_writes: 0,
@@ -77,6 +84,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let meta = Metadata::open_unverified(Arc::new(dev), 1)
         .with_context(|| format!("cannot use metadata {}", args.meta.display()))?;
     let mut info = Info::from(meta.superblock());
+    info.log_records = meta.log_replay().records;
     // The stage is extra: metadata without a readable one is still shown.
     match args
         .stage
@@ -116,6 +124,16 @@ fn print_text(out: &mut impl Write, i: &Info) -> io::Result<()> {
     writeln!(out, "generation:  {}", i.generation)?;
     writeln!(out, "clean:       {}", yes_no(i.clean))?;
     writeln!(out, "sync mode:   {}", yes_no(i.sync_mode))?;
+    if i.log_size > 0 {
+        writeln!(
+            out,
+            "log:         {} KiB, {} records since the last checkpoint",
+            i.log_size >> 10,
+            i.log_records
+        )?;
+    } else {
+        writeln!(out, "log:         none (version 1 metadata)")?;
+    }
     match (&i.stage, &i.stage_error) {
         (_, Some(e)) => writeln!(out, "stage:       unusable: {e}"),
         (Some(s), None) => writeln!(

@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::protocol::{Ok, Refusal, Request, ScrubSummary, Status, MAX_LINE, MAX_RATE_MIB};
-use super::{CommandError, Daemon};
+use super::protocol::{
+    Ok, PowerCut, Refusal, Request, ScrubSummary, Status, MAX_LINE, MAX_RATE_MIB,
+};
+use super::CommandError;
 use crate::blk::ratelimit::RateLimit;
+use crate::blk::served::{self, Served};
 use crate::error::Chain;
-use crate::integrity::scrub::{Scrub, DEFAULT_RATE_MIB};
+use crate::integrity::scrub::{Progress, Scrub, DEFAULT_RATE_MIB};
 
 /// Clients served at once; more are told so and closed.
 pub const MAX_CLIENTS: usize = 16;
@@ -41,10 +44,11 @@ pub struct Server {
 }
 
 struct Shared {
-    daemon: Arc<dyn Daemon>,
+    served: Arc<Served>,
+    /// Asks the daemon to stop: a power cut failed, nothing is served.
+    stop_daemon: Box<dyn Fn() + Send + Sync>,
     stop: AtomicBool,
     wake: EventFd,
-    started: Instant,
     scrub: Mutex<ScrubSlot>,
     clients: AtomicUsize,
     log: RateLimit,
@@ -58,13 +62,19 @@ struct ScrubSlot {
 }
 
 impl Server {
-    /// Serve `listener` (already bound, mode 0600) on a thread of its own.
-    pub fn start(listener: UnixListener, daemon: Arc<dyn Daemon>) -> io::Result<Self> {
+    /// Serve `listener` (already bound, mode 0600) on a thread of its own,
+    /// with commands on `served`. `stop_daemon` is called when a
+    /// `power-cut` leaves nothing to serve, as SIGUSR2's does.
+    pub fn start(
+        listener: UnixListener,
+        served: Arc<Served>,
+        stop_daemon: impl Fn() + Send + Sync + 'static,
+    ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
-            daemon,
+            served,
+            stop_daemon: Box::new(stop_daemon),
             stop: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
-            started: Instant::now(),
             scrub: Mutex::new(ScrubSlot::default()),
             clients: AtomicUsize::new(0),
             log: RateLimit::new(10, Duration::from_secs(10)),
@@ -144,46 +154,67 @@ impl Shared {
         reply(&Refusal::new(why))
     }
 
+    /// One command: each is a method returning its reply body.
     fn run(&self, req: &Request) -> Result<String, CommandError> {
         match req {
-            Request::Status => Ok(reply(&Ok::new(&self.status()?))),
-            Request::Scrub { rate_mib } => {
-                let p = self.start_scrub(rate_mib.unwrap_or(DEFAULT_RATE_MIB))?;
-                Ok(reply(&Ok::new(&Scrubbed { scrub: Some(p) })))
-            }
-            Request::ScrubStatus => {
-                let scrub = self.slot().scrub.as_ref().map(Scrub::progress);
-                Ok(reply(&Ok::new(&Scrubbed { scrub })))
-            }
-            Request::ScrubStop => {
-                let mut slot = self.slot();
-                match slot.scrub.as_mut() {
-                    Some(s) if s.running() => {
-                        let p = s.stop();
-                        Ok(reply(&Ok::new(&Scrubbed { scrub: Some(p) })))
-                    }
-                    _ => Err(CommandError::Refused("no scrub is running".into())),
-                }
-            }
-            Request::SyncMode => {
-                let written = self.daemon.enter_sync_mode()?;
-                let sync_mode = self.daemon.engine().is_some_and(|e| e.sync_mode());
-                Ok(reply(&Ok::new(&SyncMode {
-                    sync_mode,
-                    readonly: !written,
-                })))
-            }
-            Request::PowerCut => {
-                let cut = self.daemon.power_cut()?;
-                Ok(reply(&Ok::new(&Cut { power_cut: cut })))
+            Request::Status => body(&self.status()?),
+            Request::Scrub { rate_mib } => body(&Scrubbed {
+                scrub: Some(self.start_scrub(rate_mib.unwrap_or(DEFAULT_RATE_MIB))?),
+            }),
+            Request::ScrubStatus => body(&Scrubbed {
+                scrub: self.slot().scrub.as_ref().map(Scrub::progress),
+            }),
+            Request::ScrubStop => body(&Scrubbed {
+                scrub: Some(self.stop_scrub()?),
+            }),
+            Request::SyncMode => body(&self.sync_mode()?),
+            Request::PowerCut => body(&Cut {
+                power_cut: self.power_cut()?,
+            }),
+        }
+    }
+
+    fn stop_scrub(&self) -> Result<Progress, CommandError> {
+        match self.slot().scrub.as_mut() {
+            Some(s) if s.running() => Ok(s.stop()),
+            _ => Err(CommandError::Refused("no scrub is running".into())),
+        }
+    }
+
+    fn sync_mode(&self) -> Result<SyncMode, CommandError> {
+        let written = self.served.enter_sync_mode("control socket")?;
+        Ok(SyncMode {
+            sync_mode: self.served.engine().is_some_and(|e| e.sync_mode()),
+            readonly: !written,
+        })
+    }
+
+    fn power_cut(&self) -> Result<PowerCut, CommandError> {
+        match self.served.power_cut("control socket") {
+            served::PowerCut::Done(c) => Ok(PowerCut {
+                number: c.number,
+                seed: c.seed,
+                data_unit: c.data_unit,
+                data_kept: c.data.0 as u64,
+                data_unsynced: c.data.1 as u64,
+                meta_kept: c.meta.0 as u64,
+                meta_unsynced: c.meta.1 as u64,
+                destages: c.destages,
+            }),
+            served::PowerCut::Unsupported => Err(CommandError::Refused(
+                "a power cut needs serve --volatile-cache".into(),
+            )),
+            served::PowerCut::Failed => {
+                // As after SIGUSR2: nothing is left to serve.
+                (self.stop_daemon)();
+                Err(CommandError::Refused(
+                    "the power cut failed; twinsum is stopping (its log says why)".into(),
+                ))
             }
         }
     }
 
-    fn start_scrub(
-        &self,
-        rate_mib: u64,
-    ) -> Result<crate::integrity::scrub::Progress, CommandError> {
+    fn start_scrub(&self, rate_mib: u64) -> Result<Progress, CommandError> {
         if rate_mib > MAX_RATE_MIB {
             return Err(CommandError::Refused(format!(
                 "rate_mib {rate_mib} is past {MAX_RATE_MIB} (0 is unlimited)"
@@ -198,7 +229,7 @@ impl Shared {
                 p.percent()
             )));
         }
-        let engine = self.daemon.engine().ok_or(CommandError::NotServing)?;
+        let engine = self.served.engine().ok_or(CommandError::NotServing)?;
         let id = slot.last_id + 1;
         let scrub = Scrub::start(engine, id, rate_mib)
             .map_err(|e| CommandError::Refused(format!("cannot start the scrub thread: {e}")))?;
@@ -211,8 +242,7 @@ impl Shared {
     }
 
     fn status(&self) -> Result<Status, CommandError> {
-        let engine = self.daemon.engine().ok_or(CommandError::NotServing)?;
-        let info = self.daemon.info();
+        let engine = self.served.engine().ok_or(CommandError::NotServing)?;
         let s = engine.stats();
         let scrub = self
             .slot()
@@ -221,10 +251,10 @@ impl Shared {
             .map(|sc| ScrubSummary::from(&sc.progress()));
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
-            uptime_s: self.started.elapsed().as_secs(),
-            frontend_connected: info.frontend_connected,
-            queues: info.queues,
-            readonly: info.readonly,
+            uptime_s: self.served.uptime().as_secs(),
+            frontend_connected: self.served.frontend_connected(),
+            queues: self.served.queues(),
+            readonly: self.served.readonly(),
             sync_mode: engine.sync_mode(),
             clean: s.clean,
             block_size: engine.block_size(),
@@ -241,7 +271,7 @@ impl Shared {
             data_sync_ms: s.data_sync_us / 1000,
             meta_sync_ms: s.meta_sync_us / 1000,
             commit_rounds: s.rounds,
-            power_cuts: info.power_cuts,
+            power_cuts: self.served.power_cuts(),
             scrub,
         })
     }
@@ -249,7 +279,7 @@ impl Shared {
 
 #[derive(Serialize)]
 struct Scrubbed {
-    scrub: Option<crate::integrity::scrub::Progress>,
+    scrub: Option<Progress>,
 }
 
 #[derive(Serialize)]
@@ -260,7 +290,12 @@ struct SyncMode {
 
 #[derive(Serialize)]
 struct Cut {
-    power_cut: super::PowerCut,
+    power_cut: PowerCut,
+}
+
+/// `{"ok": true, ...body}`.
+fn body<T: Serialize>(v: &T) -> Result<String, CommandError> {
+    Result::Ok(reply(&Ok::new(v)))
 }
 
 fn reply<T: Serialize>(v: &T) -> String {

@@ -2,6 +2,7 @@
 //! [`Device`](crate::io::Device)s and knows nothing of virtio.
 
 mod engine;
+pub mod format;
 mod gate;
 pub mod hash;
 pub mod scrub;

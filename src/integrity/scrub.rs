@@ -296,8 +296,8 @@ fn scan(
 mod tests {
     use super::*;
     use crate::integrity::EngineOptions;
-    use crate::io::volatile::MemDevice;
     use crate::io::Device;
+    use crate::io::MemDevice;
     use crate::meta::{meta_len, DeviceRef, Metadata, Superblock};
 
     const BS: u64 = 4096;

@@ -2,17 +2,21 @@
 //!
 //! Everything above this module sees a [`Device`]: positioned reads and
 //! writes, a durability barrier, and a way to make a range read as zeros.
-//! The same trait carries real files and block devices ([`FileDevice`]) and
-//! the simulated volatile-cache disk used by the crash tests ([`volatile`]).
+//! The same trait carries real files and block devices ([`FileDevice`]),
+//! memory ([`MemDevice`]) and the simulated volatile-cache disk of
+//! `serve --volatile-cache` and the crash tests ([`volatile`]).
+//! [`Region`]s are the byte stores of the write-back stage.
 
 mod file;
+mod mem;
 mod region;
 pub mod volatile;
 
 use std::io;
 
 pub use file::{FileDevice, OpenFlags};
-pub use region::{FileRegion, MappedFile, MemRegion, Region};
+pub use mem::{MemDevice, MemRegion};
+pub use region::{FileRegion, MappedFile, Region};
 
 /// A byte-addressed device with a volatile write cache.
 ///
@@ -28,6 +32,14 @@ pub trait Device: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Write all of `buf` at `offset` and make just that range durable,
+    /// without waiting for the device's other un-synced writes (a metadata
+    /// log record must not pay for every table page written meanwhile).
+    /// Only this range is promised durable when it returns.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync()
+    }
     /// Make `len` bytes at `offset` read as zeros (hole punch, zero-out).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The first region at or after `offset` that may hold non-zero data,

@@ -7,15 +7,15 @@
 //! or the OOM killer cannot lose it, while a host crash loses it with the
 //! rest of memory — the volatile-cache contract a virtio disk advertises.
 //! [`FileRegion`] reads the same file with `pread`, for tools that inspect a
-//! stage another process may be using. [`MemRegion`] is process memory, for
-//! an engine whose stage need not outlive it (and for tests).
+//! stage another process may be using. [`MemRegion`](super::MemRegion) (in
+//! `mem.rs`) is process memory, for an engine whose stage need not outlive
+//! it (and for tests).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use super::check_range;
 
@@ -263,56 +263,6 @@ impl Region for FileRegion {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.len, offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
-    }
-}
-
-/// A region in process memory.
-#[derive(Debug, Default)]
-pub struct MemRegion {
-    bytes: Mutex<Vec<u8>>,
-}
-
-impl MemRegion {
-    pub fn new(len: u64) -> Self {
-        Self::from_vec(vec![0; len as usize])
-    }
-
-    pub fn from_vec(bytes: Vec<u8>) -> Self {
-        Self {
-            bytes: Mutex::new(bytes),
-        }
-    }
-
-    /// A copy of the whole content.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        // Plain bytes are valid whatever a panicking holder left.
-        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Region for MemRegion {
-    fn len(&self) -> u64 {
-        self.lock().len() as u64
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut bytes = self.lock();
-        check_range(bytes.len() as u64, offset, buf.len() as u64)?;
-        let at = offset as usize;
-        bytes[at..at + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let bytes = self.lock();
-        check_range(bytes.len() as u64, offset, buf.len() as u64)?;
-        let at = offset as usize;
-        buf.copy_from_slice(&bytes[at..at + buf.len()]);
-        Ok(())
     }
 }
 

@@ -8,9 +8,10 @@
 //! safe: the engine keeps every in-memory pair safe to persist at any
 //! instant; the caller's lock around `&mut self` orders page writes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use super::log::{Log, LogWrite, Mark, Reserve};
 use super::{
     meta_len, DeviceRef, MetaError, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3,
     PAGE_SIZE, PAIRS_PER_PAGE, PAIR_SIZE, SUPERBLOCK_SIZE, TABLE_OFFSET,
@@ -65,6 +66,72 @@ pub struct Metadata {
     cache: PageCache,
     /// Reused buffer for bulk reads and coalesced write-back.
     scratch: Vec<u8>,
+    /// Version 2: the metadata log in front of the table.
+    log: Option<Log>,
+    /// Pairs the log holds that the table may not: read before the table
+    /// until [`Metadata::recover`] folds them into it (read-only users
+    /// never do, and never write).
+    overlay: BTreeMap<u64, Pair>,
+    replayed: LogReplay,
+    /// One bit per table page: set if the page may hold data on the
+    /// device. A clear bit is a page known to be a hole (it reads as the
+    /// zero pair), answered without a read: on a huge sparse disk almost
+    /// every miss is one.
+    allocated: PageBits,
+}
+
+/// A bit per table page.
+struct PageBits(Vec<u64>);
+
+impl PageBits {
+    fn get(&self, page: u64) -> bool {
+        self.0
+            .get((page / 64) as usize)
+            .map_or(true, |w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn set(&mut self, page: u64) {
+        if let Some(w) = self.0.get_mut((page / 64) as usize) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// Where the table's data regions are, from the device; a device that
+    /// cannot tell reports all of it as data.
+    fn of(dev: &DeviceRef, pages: u64) -> Result<Self, MetaError> {
+        let mut bits = PageBits(vec![0; pages.div_ceil(64) as usize]);
+        let table_end = TABLE_OFFSET + pages * PAGE_SIZE;
+        let mut at = TABLE_OFFSET;
+        while at < table_end {
+            let Some((start, end)) = dev
+                .next_data(at)
+                .map_err(io_err("looking for holes in the pair table"))?
+            else {
+                break;
+            };
+            if start >= table_end {
+                break;
+            }
+            let first = (start - TABLE_OFFSET) / PAGE_SIZE;
+            let last = (end.min(table_end) - TABLE_OFFSET).div_ceil(PAGE_SIZE);
+            if last - first == pages {
+                bits.0.fill(u64::MAX);
+                break;
+            }
+            for p in first..last {
+                bits.set(p);
+            }
+            at = end.max(start + 1);
+        }
+        Ok(bits)
+    }
+}
+
+/// What the log replay found at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogReplay {
+    pub records: u64,
+    pub entries: u64,
 }
 
 impl Metadata {
@@ -87,18 +154,32 @@ impl Metadata {
             (HASH_BLAKE3_KEYED, None) => return Err(SuperblockError::KeyRequired.into()),
             _ => {}
         }
-        let need = meta_len(sb.blocks);
-        check_len(&dev, need)?;
+        let table_end = meta_len(sb.blocks);
+        check_len(&dev, sb.meta_len())?;
         // Zero the table and make that durable before a valid superblock
         // can exist, so a crash mid-format never leaves a superblock over a
         // table of stale pairs.
-        dev.zero_range(TABLE_OFFSET, need - TABLE_OFFSET)
+        dev.zero_range(TABLE_OFFSET, table_end - TABLE_OFFSET)
             .map_err(io_err("zeroing the pair table"))?;
+        if sb.has_log() {
+            // Written, not punched: a log in allocated, initialised blocks
+            // makes each record's durable write a plain data write, with no
+            // file system metadata to commit along with it. (The salt keeps
+            // stale records of an earlier format from being replayed.)
+            let zeros = vec![0u8; (1 << 20).min(sb.log_size as usize)];
+            let mut at = 0;
+            while at < sb.log_size {
+                let n = (sb.log_size - at).min(zeros.len() as u64) as usize;
+                dev.write_at(&zeros[..n], sb.log_offset + at)
+                    .map_err(io_err("initialising the metadata log"))?;
+                at += n as u64;
+            }
+        }
         dev.sync().map_err(io_err("syncing the pair table"))?;
         dev.write_at(&sb.encode_with(key), 0)
             .map_err(io_err("writing the superblock"))?;
         dev.sync().map_err(io_err("syncing the superblock"))?;
-        Ok(Self::with_superblock(dev, sb, key, cache_pages))
+        Self::with_superblock(dev, sb, key, cache_pages)
     }
 
     /// Read and validate the superblock and the table length of an
@@ -115,8 +196,8 @@ impl Metadata {
         key: Option<&Key>,
     ) -> Result<Self, MetaError> {
         let sb = Superblock::decode_with(&read_superblock(&dev)?, key)?;
-        check_len(&dev, meta_len(sb.blocks))?;
-        Ok(Self::with_superblock(dev, sb, key, cache_pages))
+        check_len(&dev, sb.meta_len())?;
+        Self::with_superblock(dev, sb, key, cache_pages)
     }
 
     /// Open without the key a keyed disk needs, only to look at it
@@ -124,22 +205,122 @@ impl Metadata {
     /// superblock fails.
     pub fn open_unverified(dev: DeviceRef, cache_pages: usize) -> Result<Self, MetaError> {
         let sb = Superblock::decode_unverified(&read_superblock(&dev)?)?;
-        check_len(&dev, meta_len(sb.blocks))?;
-        Ok(Self::with_superblock(dev, sb, None, cache_pages))
+        check_len(&dev, sb.meta_len())?;
+        Self::with_superblock(dev, sb, None, cache_pages)
     }
 
+    /// Open with the log (if any) replayed into the overlay: what the pairs
+    /// are, without writing anything.
     fn with_superblock(
         dev: DeviceRef,
         sb: Superblock,
         key: Option<&Key>,
         cache_pages: usize,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, MetaError> {
+        let (log, overlay, replay) = if sb.has_log() {
+            let (log, r) = Log::open(
+                &dev,
+                sb.log_offset,
+                sb.log_size,
+                sb.salt,
+                sb.log_seq,
+                sb.log_pos,
+            )?;
+            let replay = LogReplay {
+                records: r.records,
+                entries: r.entries,
+            };
+            (Some(log), r.pairs, replay)
+        } else {
+            (None, BTreeMap::new(), LogReplay::default())
+        };
+        let pages = (meta_len(sb.blocks) - TABLE_OFFSET) / PAGE_SIZE;
+        let allocated = PageBits::of(&dev, pages)?;
+        Ok(Self {
             dev,
             sb,
             key: key.cloned(),
             cache: PageCache::new(cache_pages.max(1)),
             scratch: Vec::new(),
+            log,
+            overlay,
+            replayed: replay,
+            allocated,
+        })
+    }
+
+    /// What opening found in the log.
+    pub fn log_replay(&self) -> LogReplay {
+        self.replayed
+    }
+
+    /// Fold what the log replay found into the table (in the cache, dirty):
+    /// for a writer, before anything else changes. A checkpoint then makes
+    /// it durable and empties the log.
+    pub fn recover(&mut self) -> Result<(), MetaError> {
+        let overlay = std::mem::take(&mut self.overlay);
+        for (&block, &pair) in &overlay {
+            if let Err(e) = self.set(block, pair) {
+                self.overlay = overlay;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the metadata has a log (format version 2).
+    pub fn has_log(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Where the next log record goes.
+    pub fn log_mark(&self) -> Option<Mark> {
+        self.log.as_ref().map(Log::mark)
+    }
+
+    /// Log bytes in use since the last checkpoint, and the log's size.
+    pub fn log_usage(&self) -> Option<(u64, u64)> {
+        self.log.as_ref().map(|l| (l.used(), l.size()))
+    }
+
+    /// Claim the next log record for `entries` (the pairs a commit round
+    /// just set). The caller writes it durably, in sequence order, before
+    /// the round's data moves.
+    pub fn log_reserve(&mut self, entries: &[(u64, Pair)]) -> Option<Reserve> {
+        self.log.as_mut().map(|l| l.reserve(entries))
+    }
+
+    /// A reserved record could not be written: give its place back if it
+    /// was the last one claimed.
+    pub fn log_unreserve(&mut self, w: &LogWrite) {
+        if let Some(l) = self.log.as_mut() {
+            l.unreserve(w);
+        }
+    }
+
+    /// First half of a checkpoint: write every dirty page (no sync) and
+    /// return where replay may start once the device is synced. `None`
+    /// without a log.
+    pub fn checkpoint_begin(&mut self) -> Result<Option<Mark>, MetaError> {
+        self.write_dirty()?;
+        Ok(self.log.as_ref().map(Log::mark))
+    }
+
+    /// The superblock a checkpoint at `mark` stores once the pages written
+    /// by [`checkpoint_begin`](Self::checkpoint_begin) are durable.
+    pub fn checkpoint_superblock(&self, mark: Mark) -> Superblock {
+        let mut sb = self.sb.clone();
+        if let Some(l) = &self.log {
+            sb.log_seq = mark.seq;
+            sb.log_pos = l.position_of(mark);
+        }
+        sb
+    }
+
+    /// The checkpoint's superblock is stored: its log space may be reused.
+    pub fn checkpoint_done(&mut self, mark: Mark) {
+        if let Some(l) = self.log.as_mut() {
+            l.checkpointed(mark);
         }
     }
 
@@ -187,21 +368,26 @@ impl Metadata {
         }
         sb.generation = sb.generation.max(self.sb.generation) + 1;
         self.dev
-            .write_at(&sb.encode_with(self.key.as_ref()), 0)
+            .write_durable(&sb.encode_with(self.key.as_ref()), 0)
             .map_err(io_err("writing the superblock"))?;
-        self.dev.sync().map_err(io_err("syncing the superblock"))?;
         self.sb = sb;
         Ok(())
     }
 
     pub fn get(&mut self, block: u64) -> Result<Pair, MetaError> {
         self.check_block(block, 1)?;
+        if let Some(p) = self.overlay.get(&block) {
+            return Ok(*p);
+        }
         let slot = self.page_in(block / PAIRS_PER_PAGE)?;
         Ok(Pair::decode(self.cache.pair_bytes(slot, block)))
     }
 
     pub fn set(&mut self, block: u64, pair: Pair) -> Result<(), MetaError> {
         self.check_block(block, 1)?;
+        if !self.overlay.is_empty() {
+            self.overlay.remove(&block);
+        }
         let slot = self.page_in(block / PAIRS_PER_PAGE)?;
         pair.encode(self.cache.pair_bytes_mut(slot, block));
         self.cache.mark_dirty(slot);
@@ -228,6 +414,10 @@ impl Metadata {
                 self.read_run(page, run, block, &mut out[done..])?
             };
             done += n;
+        }
+        let end = first_block + out.len() as u64;
+        for (&b, &p) in self.overlay.range(first_block..end) {
+            out[(b - first_block) as usize] = p;
         }
         Ok(())
     }
@@ -304,8 +494,14 @@ impl Metadata {
         if let Some(cached) = self.cache.first_resident_after(page) {
             hole_pages = hole_pages.min(cached - page);
         }
-        let run = (hole_pages * PAIRS_PER_PAGE).saturating_sub(first_block % PAIRS_PER_PAGE);
-        Ok(run.min(max))
+        let mut run = (hole_pages * PAIRS_PER_PAGE)
+            .saturating_sub(first_block % PAIRS_PER_PAGE)
+            .min(max);
+        // A pair the log replay holds is not in the hole.
+        if let Some((&b, _)) = self.overlay.range(first_block..first_block + run).next() {
+            run = b - first_block;
+        }
+        Ok(run)
     }
 
     pub fn dirty_pages(&self) -> usize {
@@ -337,8 +533,10 @@ impl Metadata {
             return Ok(slot);
         }
         let slot = self.free_slot()?;
-        // A hole in the table reads as zeros: Pair::ZERO.
-        if let Err(e) = self
+        if !self.allocated.get(page) {
+            // Known to be a hole: it reads as zeros (Pair::ZERO) anyway.
+            self.cache.data_mut(slot).fill(0);
+        } else if let Err(e) = self
             .dev
             .read_at(self.cache.data_mut(slot), page_offset(page))
         {
@@ -370,6 +568,10 @@ impl Metadata {
             return Ok(());
         };
         let offset = page_offset(self.cache.page_of(first));
+        for &s in slots {
+            let page = self.cache.page_of(s);
+            self.allocated.set(page);
+        }
         if let [only] = slots {
             self.dev
                 .write_at(self.cache.data(*only), offset)
@@ -402,10 +604,13 @@ impl Metadata {
 
     /// Number of consecutive uncached pages from `page` on, up to
     /// `last_page` and at most one maximal transfer.
+    /// Pages in such a run are either all known holes or all possibly
+    /// data, so that a run of holes costs no read.
     fn uncached_run(&self, page: u64, last_page: u64) -> u64 {
         let limit = (last_page - page + 1).min(MAX_RUN_PAGES);
+        let hole = !self.allocated.get(page);
         (1..limit)
-            .find(|&i| self.cache.contains(page + i))
+            .find(|&i| self.cache.contains(page + i) || self.allocated.get(page + i) == hole)
             .unwrap_or(limit)
     }
 
@@ -419,12 +624,19 @@ impl Metadata {
         out: &mut [Pair],
     ) -> Result<usize, MetaError> {
         let len = (run * PAGE_SIZE) as usize;
+        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
+        if !self.allocated.get(page) {
+            // Known holes: zero pairs, with no read and nothing cached (a
+            // page that is written later is paged in then).
+            let n = ((len - start) / PAIR_SIZE as usize).min(out.len());
+            out[..n].fill(Pair::ZERO);
+            return Ok(n);
+        }
         self.scratch.clear();
         self.scratch.resize(len, 0);
         self.dev
             .read_at(&mut self.scratch, page_offset(page))
             .map_err(io_err("reading pair-table pages"))?;
-        let start = (block % PAIRS_PER_PAGE * PAIR_SIZE) as usize;
         let n = ((len - start) / PAIR_SIZE as usize).min(out.len());
         decode_into(
             &self.scratch[start..start + n * PAIR_SIZE as usize],
@@ -770,7 +982,7 @@ mod tests {
 
     /// An in-memory device that records writes and counts syncs.
     struct RecordingDevice {
-        inner: crate::io::volatile::MemDevice,
+        inner: crate::io::MemDevice,
         writes: Mutex<Vec<(u64, usize)>>,
         syncs: Mutex<usize>,
     }
@@ -778,7 +990,7 @@ mod tests {
     impl RecordingDevice {
         fn new(size: u64) -> Arc<Self> {
             Arc::new(Self {
-                inner: crate::io::volatile::MemDevice::new(size),
+                inner: crate::io::MemDevice::new(size),
                 writes: Mutex::new(Vec::new()),
                 syncs: Mutex::new(0),
             })

@@ -8,15 +8,16 @@
 //! This module knows nothing of the state machine: it stores pairs.
 
 mod cache;
+pub mod log;
 mod superblock;
 
 use std::io;
 use std::sync::Arc;
 
-pub use cache::{Metadata, Pair};
+pub use cache::{LogReplay, Metadata, Pair};
 pub use superblock::{
-    hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3, MAGIC, SUPERBLOCK_SIZE,
-    VERSION,
+    hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3, MAGIC, MIN_LOG_SIZE,
+    SUPERBLOCK_SIZE, VERSION, VERSION_NO_LOG,
 };
 
 /// Byte offset of the pair table.

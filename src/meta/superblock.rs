@@ -16,6 +16,15 @@
 //! |     48 |    8 | generation                                   |
 //! |     56 |    8 | xxh3-64 of the sector with this field zeroed |
 //! |     64 |   32 | keyed disks: MAC of the sector, see below    |
+//! |     96 |    8 | v2: byte offset of the metadata log          |
+//! |    104 |    8 | v2: log size in bytes                        |
+//! |    112 |    8 | v2: sequence number of the first log record  |
+//! |        |      |     to replay (the checkpoint)               |
+//! |    120 |    8 | v2: its byte position within the log         |
+//!
+//! Version 1 has no log: every commit writes pair-table pages. Version 2
+//! puts a log after the table (FORMAT.md has its records); version 1
+//! metadata opens and is served exactly as before.
 //!
 //! A disk with keyed checksums (hash id 2) carries at offset 64 the BLAKE3
 //! keyed hash, under the key's superblock subkey, of the sector with bytes
@@ -32,8 +41,12 @@ use crate::key::Key;
 
 /// Size of the superblock on disk.
 pub const SUPERBLOCK_SIZE: usize = 512;
-/// The format version this build writes.
-pub const VERSION: u32 = 1;
+/// The format version this build writes (it reads 1 and 2).
+pub const VERSION: u32 = 2;
+/// The first version, without a metadata log.
+pub const VERSION_NO_LOG: u32 = 1;
+/// Smallest metadata log.
+pub const MIN_LOG_SIZE: u64 = 16 << 10;
 /// Hash id of xxh3-64 seeded by salt and block number.
 pub const HASH_XXH3: u32 = 1;
 /// Hash id of BLAKE3 keyed over block number, salt and data, 64 bits.
@@ -71,6 +84,10 @@ mod off {
     pub const GENERATION: Range<usize> = 48..56;
     pub const CHECKSUM: Range<usize> = 56..64;
     pub const MAC: Range<usize> = 64..96;
+    pub const LOG_OFFSET: Range<usize> = 96..104;
+    pub const LOG_SIZE: Range<usize> = 104..112;
+    pub const LOG_SEQ: Range<usize> = 112..120;
+    pub const LOG_POS: Range<usize> = 120..128;
 }
 
 /// Decoded superblock.
@@ -90,6 +107,12 @@ pub struct Superblock {
     pub sync_mode: bool,
     /// Bumped on every superblock write.
     pub generation: u64,
+    /// Version 2: where the metadata log is, and where replay starts. All
+    /// zero in version 1.
+    pub log_offset: u64,
+    pub log_size: u64,
+    pub log_seq: u64,
+    pub log_pos: u64,
 }
 
 /// Why a superblock was refused. Decode checks in the order of the
@@ -130,11 +153,23 @@ pub enum SuperblockError {
     KeyRequired,
     #[error("superblock MAC mismatch: wrong key, or the superblock was changed")]
     BadMac,
+    #[error(
+        "bad metadata log geometry: offset {offset}, size {size}, replay from {pos} \
+         (the log must follow the pair table at {table_end}, be at least {MIN_LOG_SIZE} bytes \
+         in whole 4096-byte pages, and replay must start inside it on a 512-byte boundary)"
+    )]
+    Log {
+        offset: u64,
+        size: u64,
+        pos: u64,
+        table_end: u64,
+    },
 }
 
 impl Superblock {
-    /// A fresh superblock (unclean, generation 0) for an image of
-    /// `data_size` bytes cut into blocks of `block_size` bytes.
+    /// A fresh version 1 superblock (no log; unclean, generation 0) for an
+    /// image of `data_size` bytes cut into blocks of `block_size` bytes.
+    /// [`Superblock::with_log`] makes it version 2.
     pub fn new(block_size: u32, data_size: u64, salt: u64) -> Result<Self, SuperblockError> {
         check_block_size(block_size)?;
         let blocks = data_size / u64::from(block_size);
@@ -146,7 +181,7 @@ impl Superblock {
             });
         }
         Ok(Self {
-            version: VERSION,
+            version: VERSION_NO_LOG,
             block_size,
             blocks,
             hash_id: HASH_XXH3,
@@ -155,7 +190,42 @@ impl Superblock {
             clean: false,
             sync_mode: false,
             generation: 0,
+            log_offset: 0,
+            log_size: 0,
+            log_seq: 0,
+            log_pos: 0,
         })
+    }
+
+    /// A version 2 superblock with a metadata log of `log_size` bytes
+    /// right after the pair table.
+    pub fn with_log(mut self, log_size: u64) -> Self {
+        self.version = VERSION;
+        self.log_offset = super::meta_len(self.blocks);
+        self.log_size = log_size;
+        self.log_seq = 1;
+        self.log_pos = 0;
+        self
+    }
+
+    /// A version 1 superblock: no log.
+    pub fn without_log(mut self) -> Self {
+        self.version = VERSION_NO_LOG;
+        self.log_offset = 0;
+        self.log_size = 0;
+        self.log_seq = 0;
+        self.log_pos = 0;
+        self
+    }
+
+    /// Whether this metadata has a log (version 2).
+    pub fn has_log(&self) -> bool {
+        self.version >= 2
+    }
+
+    /// Bytes the metadata device needs: superblock, table and log.
+    pub fn meta_len(&self) -> u64 {
+        super::meta_len(self.blocks) + self.log_size
     }
 
     /// The sector of an unkeyed superblock as written to disk, checksum
@@ -184,6 +254,12 @@ impl Superblock {
         buf[off::SALT].copy_from_slice(&self.salt.to_le_bytes());
         buf[off::DATA_SIZE].copy_from_slice(&self.data_size.to_le_bytes());
         buf[off::GENERATION].copy_from_slice(&self.generation.to_le_bytes());
+        if self.has_log() {
+            buf[off::LOG_OFFSET].copy_from_slice(&self.log_offset.to_le_bytes());
+            buf[off::LOG_SIZE].copy_from_slice(&self.log_size.to_le_bytes());
+            buf[off::LOG_SEQ].copy_from_slice(&self.log_seq.to_le_bytes());
+            buf[off::LOG_POS].copy_from_slice(&self.log_pos.to_le_bytes());
+        }
         if let (HASH_BLAKE3_KEYED, Some(key)) = (self.hash_id, key) {
             let mac = mac_of(&buf, key);
             buf[off::MAC].copy_from_slice(mac.as_bytes());
@@ -259,7 +335,7 @@ impl Superblock {
                 block_size,
             });
         }
-        Ok(Self {
+        let mut sb = Self {
             version,
             block_size,
             blocks,
@@ -269,7 +345,32 @@ impl Superblock {
             clean: flags & FLAG_CLEAN != 0,
             sync_mode: flags & FLAG_SYNC_MODE != 0,
             generation: u64_le(buf, off::GENERATION),
-        })
+            log_offset: 0,
+            log_size: 0,
+            log_seq: 0,
+            log_pos: 0,
+        };
+        if version >= 2 {
+            sb.log_offset = u64_le(buf, off::LOG_OFFSET);
+            sb.log_size = u64_le(buf, off::LOG_SIZE);
+            sb.log_seq = u64_le(buf, off::LOG_SEQ);
+            sb.log_pos = u64_le(buf, off::LOG_POS);
+            let table_end = super::meta_len(blocks);
+            let bad = sb.log_offset != table_end
+                || sb.log_size < MIN_LOG_SIZE
+                || sb.log_size % 4096 != 0
+                || sb.log_pos >= sb.log_size
+                || sb.log_pos % 512 != 0;
+            if bad {
+                return Err(SuperblockError::Log {
+                    offset: sb.log_offset,
+                    size: sb.log_size,
+                    pos: sb.log_pos,
+                    table_end,
+                });
+            }
+        }
+        Ok(sb)
     }
 
     /// Byte offset of block `block` on the data device.
@@ -328,9 +429,11 @@ fn u64_be(buf: &[u8], range: Range<usize>) -> u64 {
 mod tests {
     use super::*;
 
+    /// A version 1 superblock (no log): the golden bytes of the first
+    /// format, which must keep opening byte for byte.
     fn sample() -> Superblock {
         Superblock {
-            version: VERSION,
+            version: VERSION_NO_LOG,
             block_size: 4096,
             blocks: 0x100,
             hash_id: HASH_XXH3,
@@ -339,7 +442,44 @@ mod tests {
             clean: true,
             sync_mode: false,
             generation: 7,
+            log_offset: 0,
+            log_size: 0,
+            log_seq: 0,
+            log_pos: 0,
         }
+    }
+
+    #[test]
+    fn version_2_carries_the_log_geometry() {
+        let sb = sample().with_log(64 << 10);
+        let buf = sb.encode();
+        assert_eq!(&buf[8..12], &[2, 0, 0, 0]);
+        // 256 blocks: a one-page table after the 4096-byte superblock area.
+        assert_eq!(&buf[96..104], &8192u64.to_le_bytes());
+        assert_eq!(&buf[104..112], &(64u64 << 10).to_le_bytes());
+        assert_eq!(&buf[112..120], &1u64.to_le_bytes());
+        assert_eq!(&buf[120..128], &0u64.to_le_bytes());
+        assert_eq!(Superblock::decode(&buf), Ok(sb.clone()));
+        assert_eq!(sb.meta_len(), 8192 + (64 << 10));
+        // A log that does not follow the table is refused, with its values.
+        let mut bad = buf;
+        bad[96..104].copy_from_slice(&4096u64.to_le_bytes());
+        reseal(&mut bad);
+        assert!(matches!(
+            Superblock::decode(&bad),
+            Err(SuperblockError::Log {
+                offset: 4096,
+                table_end: 8192,
+                ..
+            })
+        ));
+        let mut bad = buf;
+        bad[120..128].copy_from_slice(&100u64.to_le_bytes());
+        reseal(&mut bad);
+        assert!(matches!(
+            Superblock::decode(&bad),
+            Err(SuperblockError::Log { pos: 100, .. })
+        ));
     }
 
     /// Re-seal a tampered sector so that the check after the checksum runs.
@@ -417,9 +557,9 @@ mod tests {
     #[test]
     fn version_from_the_future_is_refused() {
         let mut buf = sample().encode();
-        buf[8] = 2;
+        buf[8] = 3;
         reseal(&mut buf);
-        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(2)));
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(3)));
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct Replayed {
     pub torn: u64,
     /// Writes of a stage from an earlier boot of the host, dropped.
     pub earlier_boot: Option<u64>,
+    /// Metadata log records found since the last checkpoint and replayed
+    /// over the pair table.
+    pub log_records: u64,
 }
 
 /// One request of a batch. Requests in one batch have no order among them
@@ -190,6 +193,7 @@ impl Counters {
 pub struct Engine {
     core: Arc<Core>,
     committer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     replayed: Replayed,
 }
 
@@ -210,6 +214,14 @@ struct Core {
     data_gate: SyncGate,
     meta_gate: SyncGate,
     sync_mode: AtomicBool,
+    /// Log records are written in sequence order (see `rounds::write_log`).
+    log_order: Mutex<rounds::LogOrder>,
+    log_turn: Condvar,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
+    /// Wakes the checkpoint thread (a log half full).
+    ckpt: Mutex<rounds::CheckpointRequest>,
+    ckpt_cv: Condvar,
     /// Bumped on every pair change and every completed data write, so a
     /// read that raced a write or a flush can tell and look again instead
     /// of reporting a false mismatch.
@@ -261,9 +273,20 @@ impl Engine {
         } else {
             None
         };
+        let checkpointer = if core.lock().meta.has_log() && !core.opts.readonly {
+            let c = core.clone();
+            let handle = std::thread::Builder::new()
+                .name("twinsum-checkpoint".into())
+                .spawn(move || c.run_checkpointer())
+                .map_err(EngineError::io("starting the checkpoint thread"))?;
+            Some(handle)
+        } else {
+            None
+        };
         Ok(Self {
             core,
             committer,
+            checkpointer,
             replayed,
         })
     }
@@ -394,6 +417,17 @@ impl Drop for Engine {
                 error!("the commit thread panicked");
             }
         }
+        self.core
+            .ckpt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stopping = true;
+        self.core.ckpt_cv.notify_all();
+        if let Some(h) = self.checkpointer.take() {
+            if h.join().is_err() {
+                error!("the checkpoint thread panicked");
+            }
+        }
     }
 }
 
@@ -432,6 +466,7 @@ impl Core {
         };
         let (stage, recovered) = Stage::open(stage.region, ident, stage.boot, rand::random())?;
         let replayed = Replayed {
+            log_records: metadata.log_replay().records,
             writes: recovered.records.len() as u64,
             bytes: recovered.records.iter().map(|r| u64::from(r.len)).sum(),
             torn: recovered.torn,
@@ -457,6 +492,11 @@ impl Core {
             data_gate: SyncGate::default(),
             meta_gate: SyncGate::default(),
             sync_mode: AtomicBool::new(false),
+            log_order: Mutex::new(rounds::LogOrder::default()),
+            log_turn: Condvar::new(),
+            checkpointing: Mutex::new(()),
+            ckpt: Mutex::new(rounds::CheckpointRequest::default()),
+            ckpt_cv: Condvar::new(),
             pair_changes: AtomicU64::new(0),
             counters: Counters::default(),
             recent: Recent::default(),
@@ -464,7 +504,10 @@ impl Core {
             meta_dev: meta,
             opts,
         };
+        // The stage first: the checkpoint after the log replay stores a
+        // superblock, whose new generation the stage must learn of.
         core.wb = Some(Writeback::new(stage));
+        core.recover_log()?;
         core.replay(&recovered.records)?;
         if !write_back {
             // Without a write cache the stage only served the replay.
@@ -534,17 +577,47 @@ impl Core {
         results
     }
 
-    /// Periodic write-back: write dirty metadata pages and sync the metadata.
+    /// Periodic write-back: write dirty metadata pages, sync the
+    /// metadata, and with a log move replay past everything written.
     fn writeback(&self) -> Result<(), EngineError> {
-        let ticket = {
-            let mut st = self.lock();
-            if st.meta.dirty_pages() == 0 {
+        {
+            let st = self.lock();
+            let log_used = st.meta.log_usage().map_or(0, |(used, _)| used);
+            if st.meta.dirty_pages() == 0 && log_used == 0 {
                 return Ok(());
             }
-            st.meta.write_dirty()?;
-            self.meta_gate.ticket()
+        }
+        self.checkpoint()
+    }
+
+    /// At open: what the metadata log holds since the last checkpoint goes
+    /// into the table (a writer only), is made durable by a checkpoint,
+    /// and the log starts empty. A read-only engine reads through the
+    /// replayed pairs instead and writes nothing.
+    fn recover_log(&self) -> Result<(), EngineError> {
+        let replay = {
+            let st = self.lock();
+            st.meta.log_replay()
         };
-        self.sync_meta(ticket)
+        if replay.records > 0 {
+            info!(
+                "replayed {} metadata log records ({} checksum pairs) over the pair table",
+                replay.records, replay.entries
+            );
+        }
+        if !self.opts.readonly {
+            self.lock().meta.recover()?;
+            if replay.records > 0 {
+                self.checkpoint()?;
+            }
+        }
+        if let Some(mark) = self.lock().meta.log_mark() {
+            self.log_order
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .next = mark.seq;
+        }
+        Ok(())
     }
 
     /// Guest shutdown: write everything out, then complete each later write
@@ -587,6 +660,7 @@ impl Core {
         // A write that slipped in after settle() keeps the superblock dirty.
         if !st.pending.is_empty()
             || st.meta.dirty_pages() != 0
+            || st.meta.log_usage().is_some_and(|(used, _)| used > 0)
             || self.wb.as_ref().is_some_and(|wb| wb.queued() > 0)
         {
             return Ok(false);

@@ -282,10 +282,6 @@ impl Core {
             }
         }
         self.flush_data()?;
-        let ticket = {
-            let mut st = self.lock();
-            self.commit_locked(&mut st)?
-        };
-        self.sync_meta(ticket)
+        self.checkpoint()
     }
 }

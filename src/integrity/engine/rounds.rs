@@ -6,13 +6,43 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use log::error;
 
 use super::{Core, EngineError};
 use crate::integrity::gate::Ticket;
 use crate::integrity::hash::ZERO;
+use crate::meta::log::{LogWrite, Reserve};
 use crate::meta::Pair;
+
+/// How a round's new pairs become durable.
+enum Commit {
+    /// Version 1 metadata: its dirty pages are written; a metadata sync
+    /// satisfying this ticket makes them durable.
+    Sync(Ticket),
+    /// A log record to write durably, in sequence order.
+    Log(LogWrite),
+    /// Too many pairs for one record, or the log is full: a checkpoint.
+    Checkpoint,
+}
+
+/// Requests to the checkpoint thread.
+#[derive(Debug, Default)]
+pub(super) struct CheckpointRequest {
+    pub requested: bool,
+    pub stopping: bool,
+}
+
+/// Log records are written in sequence order, one after another.
+#[derive(Debug, Default)]
+pub(super) struct LogOrder {
+    /// Sequence number of the next record to write.
+    pub next: u64,
+    /// A record could not be written: later ones must not count until a
+    /// checkpoint moves replay past it.
+    pub broken: bool,
+}
 
 /// A DISCARD of a huge range is committed in chunks of this many blocks, so
 /// the Pending set and the dirty pages stay bounded.
@@ -116,6 +146,7 @@ impl Core {
 
         // The blocks are Clean (or zero) now: old covers the durable content.
         st.events += 1;
+        let mut entries = Vec::with_capacity(round.iter().map(|u| u.sums.len()).sum());
         for u in round {
             if u.is_zero() {
                 st.zeroing.push((u.block, u.block + u.count));
@@ -127,13 +158,12 @@ impl Core {
                     // Reads as zeros already, whatever the punch does.
                     continue;
                 }
-                st.meta.set(
-                    b,
-                    Pair {
-                        new: sum,
-                        old: p.old,
-                    },
-                )?;
+                let pair = Pair {
+                    new: sum,
+                    old: p.old,
+                };
+                st.meta.set(b, pair)?;
+                entries.push((b, pair));
                 let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
                     inflight: 0,
                     completed: 0,
@@ -142,9 +172,9 @@ impl Core {
             }
         }
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
-        let commit = self.commit_locked(&mut st);
+        let commit = self.commit_locked(&mut st, &entries);
         drop(st);
-        let mut result = commit.and_then(|ticket| self.sync_meta(ticket));
+        let mut result = commit.and_then(|c| self.finish_commit(c));
 
         // Only now may the data move: its checksum is durable.
         let mut failed = vec![false; round.len()];
@@ -188,12 +218,162 @@ impl Core {
         }
     }
 
-    /// Write every dirty page now (under the state lock, so page writes
-    /// land in the order pairs changed) and return the ticket a metadata
-    /// sync must satisfy.
-    pub(super) fn commit_locked(&self, st: &mut super::State) -> Result<Ticket, EngineError> {
-        st.meta.write_dirty()?;
-        Ok(self.meta_gate.ticket())
+    /// Start making a round's new pairs (`entries`) durable, under the
+    /// state lock: reserve their log record, or (version 1 metadata) write
+    /// every dirty page now, so page writes land in the order pairs
+    /// changed.
+    fn commit_locked(
+        &self,
+        st: &mut super::State,
+        entries: &[(u64, Pair)],
+    ) -> Result<Commit, EngineError> {
+        Ok(match st.meta.log_reserve(entries) {
+            None => {
+                st.meta.write_dirty()?;
+                Commit::Sync(self.meta_gate.ticket())
+            }
+            Some(Reserve::Write(w)) => Commit::Log(w),
+            Some(Reserve::Full | Reserve::TooLarge) => Commit::Checkpoint,
+        })
+    }
+
+    /// Finish what `commit_locked` started, outside the state lock; when it
+    /// returns the round's pairs are durable and its data may move.
+    fn finish_commit(&self, c: Commit) -> Result<(), EngineError> {
+        match c {
+            Commit::Sync(ticket) => self.sync_meta(ticket),
+            Commit::Log(w) => {
+                self.write_log(w)?;
+                let half_full = self
+                    .lock()
+                    .meta
+                    .log_usage()
+                    .is_some_and(|(used, size)| used > size / 2);
+                if half_full {
+                    // Keep room, without stalling this round: records wait
+                    // for space only in a burst.
+                    self.request_checkpoint();
+                }
+                Ok(())
+            }
+            Commit::Checkpoint => self.checkpoint(),
+        }
+    }
+
+    /// Write a log record durably, after every record before it: replay
+    /// stops at the first missing one, so a record may only count once
+    /// all earlier ones are on the device.
+    fn write_log(&self, w: LogWrite) -> Result<(), EngineError> {
+        let mut order = self
+            .log_order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if w.seq < order.next {
+            // A checkpoint moved replay past it already.
+            return Ok(());
+        }
+        while order.next < w.seq && !order.broken {
+            order = self
+                .log_turn
+                .wait(order)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let broken = order.broken;
+        let r = if broken {
+            Err(std::io::Error::other(
+                "an earlier log record was not written",
+            ))
+        } else {
+            self.counters.meta_syncs.fetch_add(1, Ordering::Relaxed);
+            super::Counters::timed(&self.counters.meta_sync_us, || {
+                self.meta_dev.write_durable(&w.bytes, w.offset)
+            })
+        };
+        match &r {
+            Ok(()) => order.next = w.seq + 1,
+            Err(_) => order.broken = true,
+        }
+        drop(order);
+        self.log_turn.notify_all();
+        if let Err(e) = r {
+            if !broken {
+                log::error!(
+                    "writing metadata log record {} failed: {e}; committing by checkpoint instead",
+                    w.seq
+                );
+            }
+            // The pairs are in memory: a checkpoint writes them to the
+            // table and moves replay past every record, written or not.
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Ask the checkpoint thread for a checkpoint soon.
+    fn request_checkpoint(&self) {
+        let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
+        if !c.requested {
+            c.requested = true;
+            self.ckpt_cv.notify_one();
+        }
+    }
+
+    /// The checkpoint thread: one checkpoint per request, until stopped.
+    pub(super) fn run_checkpointer(&self) {
+        loop {
+            {
+                let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
+                while !c.requested && !c.stopping {
+                    c = self.ckpt_cv.wait(c).unwrap_or_else(PoisonError::into_inner);
+                }
+                if c.stopping {
+                    return;
+                }
+                c.requested = false;
+            }
+            if let Err(e) = self.checkpoint() {
+                log::error!(
+                    "metadata checkpoint failed: {}; rounds commit by checkpoint until one succeeds",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
+    }
+
+    /// Write every dirty table page, sync the metadata, and (with a log)
+    /// move the start of replay to the records taken after the pages were
+    /// written: the log is empty again.
+    pub(super) fn checkpoint(&self) -> Result<(), EngineError> {
+        let _one = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (mark, ticket) = {
+            let mut st = self.lock();
+            let mark = st.meta.checkpoint_begin()?;
+            (mark, self.meta_gate.ticket())
+        };
+        self.sync_meta(ticket)?;
+        if let Some(mark) = mark {
+            let mut st = self.lock();
+            let sb = st.meta.checkpoint_superblock(mark);
+            self.store_superblock(&mut st, sb)?;
+            st.meta.checkpoint_done(mark);
+            drop(st);
+            let mut order = self
+                .log_order
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if order.broken && mark.seq > order.next {
+                // Every record after the one that failed is behind replay
+                // now; later ones may be written again.
+                order.broken = false;
+                order.next = mark.seq;
+            }
+            drop(order);
+            self.log_turn.notify_all();
+        }
+        Ok(())
     }
 
     pub(super) fn sync_meta(&self, ticket: Ticket) -> Result<(), EngineError> {

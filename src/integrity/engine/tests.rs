@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::integrity::hash::ZERO;
-use crate::io::volatile::MemDevice;
-use crate::io::Device;
+use crate::io::{Device, MemDevice};
 use crate::meta::{MetaError, Metadata, Pair, Superblock};
 
 /// An in-memory device whose writes are immediately durable, which counts

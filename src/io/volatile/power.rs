@@ -1,19 +1,57 @@
-//! `serve --volatile-cache`: the data and metadata files behind simulated
-//! volatile write caches, and the power cut that SIGUSR2 triggers.
+//! Power: the [`PowerSupply`] that volatile devices hang off, and the
+//! [`VolatileDisk`] that `serve --volatile-cache` cuts.
 //!
-//! Each file gets its own [`VolatileDevice`]; both hang off one
-//! [`PowerSupply`]. A cut switches the supply off — from that instant no
-//! call of the running engine reaches either file, whatever was in flight —
-//! then lets each cache keep or lose every un-synced unit at random, and
-//! builds new devices (on a new supply) over the same files for the engine
-//! that serves next.
+//! A disk is two files (data and metadata), each behind its own
+//! [`VolatileDevice`], both on one supply. A cut switches the supply off —
+//! from that instant no call of the running engine reaches either file,
+//! whatever was in flight — then lets each cache keep or lose every
+//! un-synced unit at random, and builds new devices (on a new supply) over
+//! the same files for the engine that serves next.
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::io::volatile::{PowerCutReport, PowerSupply, VolatileDevice, SECTOR_SIZE};
-use crate::meta::{DeviceRef, Superblock, SUPERBLOCK_SIZE};
+use super::{PowerCutReport, VolatileDevice, SECTOR_SIZE};
+use crate::io::Device;
+
+/// Power shared by several devices, switched off for good at a power cut.
+///
+/// A switched-off supply makes every call of every device on it fail with
+/// an I/O error, reads included: a server keeps answering its front-end,
+/// but nothing of the old process state can reach the durable image any
+/// more. A call that was already running when the supply went off finishes
+/// (it holds the device's lock), so it counts as done before the cut.
+#[derive(Debug)]
+pub struct PowerSupply {
+    on: AtomicBool,
+}
+
+impl Default for PowerSupply {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PowerSupply {
+    /// A supply that is on.
+    pub fn new() -> Self {
+        Self {
+            on: AtomicBool::new(true),
+        }
+    }
+
+    /// Cut the power; there is no switching back (build new devices on a
+    /// new supply over the same durable stores instead).
+    pub fn switch_off(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+}
 
 /// `serve --volatile-cache` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +68,8 @@ pub struct VolatileCacheConfig {
 /// metadata choices are independent but both follow from the one logged
 /// seed.
 const META_SEED_SALT: u64 = 0x6d65_7461_6461_7461;
+
+type DeviceRef = Arc<dyn Device>;
 
 /// The two files behind their caches, and the cut counter.
 pub struct VolatileDisk {
@@ -86,15 +126,14 @@ impl fmt::Display for CutSummary {
 }
 
 impl VolatileDisk {
-    /// Put caches in front of the opened files. The data unit comes from
-    /// the metadata superblock; if that does not decode, 512 is used and
-    /// opening the engine reports the real problem.
+    /// Put caches in front of the opened files; the data device keeps or
+    /// loses `data_unit` bytes at a time (the block size the guest sees).
     pub fn new(
         data_file: DeviceRef,
         meta_file: DeviceRef,
+        data_unit: u64,
         cfg: &VolatileCacheConfig,
     ) -> io::Result<Self> {
-        let data_unit = block_size(&*meta_file).unwrap_or(SECTOR_SIZE);
         let first_seed = cfg.seed.unwrap_or_else(rand::random);
         let supply = Arc::new(PowerSupply::new());
         let (data, meta) =
@@ -124,14 +163,14 @@ impl VolatileDisk {
         (self.data.clone(), self.meta.clone())
     }
 
+    /// Bytes the data device keeps or loses as one.
+    pub fn data_unit(&self) -> u64 {
+        self.data_unit
+    }
+
     /// Power cuts so far.
     pub fn cuts(&self) -> u64 {
         self.cuts
-    }
-
-    /// The supply the current devices hang off.
-    pub fn supply(&self) -> &Arc<PowerSupply> {
-        &self.supply
     }
 
     /// Cut the power (see the module documentation). Afterwards
@@ -187,80 +226,4 @@ impl VolatileDisk {
 
 fn kept_of(report: &PowerCutReport) -> (usize, usize) {
     (report.kept(), report.sectors.len())
-}
-
-/// The block size recorded in the metadata superblock, if it decodes.
-fn block_size(meta: &dyn crate::io::Device) -> Option<u64> {
-    let mut sector = [0u8; SUPERBLOCK_SIZE];
-    meta.read_at(&mut sector, 0).ok()?;
-    // Only the geometry: the engine checks the key when it opens the disk.
-    let sb = Superblock::decode_unverified(&sector).ok()?;
-    Some(u64::from(sb.block_size))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::integrity::{Engine, EngineOptions};
-    use crate::io::volatile::MemDevice;
-    use crate::meta::{meta_len, Metadata};
-
-    const BS: u64 = 4096;
-    const BLOCKS: u64 = 64;
-
-    fn files() -> (DeviceRef, DeviceRef) {
-        let data: DeviceRef = Arc::new(MemDevice::new(BLOCKS * BS));
-        let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
-        let sb = Superblock::new(BS as u32, BLOCKS * BS, 7).unwrap();
-        Metadata::create(meta.clone(), sb, 16).unwrap();
-        (data, meta)
-    }
-
-    #[test]
-    fn a_cut_keeps_flushed_data_refuses_the_old_devices_and_reopens_cleanly() {
-        let (data_file, meta_file) = files();
-        let cfg = VolatileCacheConfig {
-            limit_bytes: 1 << 20,
-            seed: Some(11),
-        };
-        let mut vd = VolatileDisk::new(data_file.clone(), meta_file, &cfg).unwrap();
-        assert_eq!(vd.data_unit, BS);
-        let (d, m) = vd.devices();
-        let opts = EngineOptions {
-            write_cache: false,
-            ..EngineOptions::default()
-        };
-        let engine = Engine::open(d, m, opts.clone()).unwrap();
-        engine.write(1, &[1; BS as usize]).unwrap();
-        engine.flush().unwrap();
-        for b in 2..BLOCKS {
-            engine.write(b, &[b as u8; BS as usize]).unwrap();
-        }
-        let old = vd.devices().0;
-        let cut = vd.cut().unwrap();
-        assert_eq!((cut.number, cut.seed), (1, 11));
-        assert!(cut.data.1 > 0, "un-synced data blocks were cached");
-        assert!(
-            old.write_at(&[0; 512], 0).is_err(),
-            "the old devices have no power"
-        );
-        assert!(engine.write(1, &[9; BS as usize]).is_err());
-        assert!(cut.to_string().starts_with("power cut #1: seed 11, kept "));
-
-        let (d, m) = vd.devices();
-        let fresh = Engine::open(d, m, opts).unwrap();
-        let mut buf = vec![0; BS as usize];
-        fresh.read(1, &mut buf).unwrap();
-        assert_eq!(buf, vec![1; BS as usize], "flushed data survives");
-        for b in 2..BLOCKS {
-            fresh
-                .read(b, &mut buf)
-                .expect("every block verifies after the cut");
-        }
-        assert_eq!(
-            vd.cut().unwrap().seed,
-            12,
-            "the next cut uses the next seed"
-        );
-    }
 }
