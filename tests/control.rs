@@ -368,6 +368,8 @@ fn the_rate_holds_over_seconds() {
     q.flush().expect("flush");
 
     let mut ctl = Ctl::connect(&control_path(&disk));
+    // The test's own clock, from just before the scrub starts.
+    let t0 = Instant::now();
     let started = ctl.ok(json!({"cmd": "scrub", "rate_mib": RATE}));
     assert_eq!(started["scrub"]["rate_mib"], RATE);
     // A second scrub while one runs is refused, with one line.
@@ -377,36 +379,42 @@ fn the_rate_holds_over_seconds() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("scrub #1 is running"), "{err}");
 
-    // Samples of the scrub's own progress: (elapsed ms, bytes read).
+    // Samples of the scrub's progress against that clock: (time since the
+    // scrub was started, bytes it had read by then).
     let mut samples = Vec::new();
     let done = loop {
         let p = ctl.ok(json!({"cmd": "scrub-status"}))["scrub"].clone();
+        let at = t0.elapsed();
         if p["state"] != "running" {
             break p;
         }
-        samples.push((n(&p, "elapsed_ms"), n(&p, "bytes_read")));
+        samples.push((at, n(&p, "bytes_read")));
         thread::sleep(Duration::from_millis(50));
     };
+    let total = t0.elapsed();
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(n(&done, "bytes_read"), 40 * MIB, "only the data, no holes");
-    // Over at least two seconds of the scrub's own clock, after the first
-    // half second (the first chunk goes at once).
+    let mib_per_s = |bytes: u64, d: Duration| bytes as f64 / MIB as f64 / d.as_secs_f64();
+    // 40 MiB at 12 MiB/s take 3.3 s (the first 1 MiB chunk goes at once);
+    // without a throttle they take a few milliseconds.
+    let overall = mib_per_s(40 * MIB, total);
+    assert!(
+        (overall - RATE as f64).abs() <= RATE as f64 * 0.25,
+        "{overall:.2} MiB/s overall at --rate {RATE}"
+    );
+    // And over a window of at least two seconds, after the first half
+    // second.
     let first = samples
         .iter()
-        .find(|s| s.0 >= 500)
+        .find(|s| s.0 >= Duration::from_millis(500))
         .expect("samples after 0.5 s");
     let last = samples.last().expect("samples");
     let span = last.0 - first.0;
-    assert!(span >= 2000, "only {span} ms measured");
-    let rate = (last.1 - first.1) as f64 / MIB as f64 / (span as f64 / 1000.0);
+    assert!(span >= Duration::from_secs(2), "only {span:?} measured");
+    let window = mib_per_s(last.1 - first.1, span);
     assert!(
-        (rate - RATE as f64).abs() <= RATE as f64 * 0.25,
-        "{rate:.2} MiB/s at --rate {RATE}"
-    );
-    let overall = 40.0 / (n(&done, "elapsed_ms") as f64 / 1000.0);
-    assert!(
-        (overall - RATE as f64).abs() <= RATE as f64 * 0.25,
-        "{overall:.2} MiB/s overall"
+        (window - RATE as f64).abs() <= RATE as f64 * 0.25,
+        "{window:.2} MiB/s over {span:?} at --rate {RATE}"
     );
 }
 
@@ -443,7 +451,7 @@ fn scrub_stop_ends_a_running_scrub() {
 }
 
 #[test]
-fn a_terabyte_sparse_image_scrubs_in_well_under_a_second() {
+fn a_terabyte_sparse_image_scrubs_reading_only_its_data() {
     let disk = Disk::new(1 << 40, BS);
     let _d = serve(&disk, &[]);
     let mut c = Client::connect(&disk.socket, 1);
@@ -460,10 +468,12 @@ fn a_terabyte_sparse_image_scrubs_in_well_under_a_second() {
         String::from_utf8_lossy(&o.stderr)
     );
     let r = json_of(&o);
-    assert_eq!(r["position"], 1u64 << 28);
-    assert!(n(&r, "bytes_read") >= 3 * BS);
-    assert!(n(&r, "bytes_read") <= 8 * MIB, "holes are not read: {r}");
-    assert!(n(&r, "elapsed_ms") < 500, "{r}");
+    assert_eq!(r["position"], 1u64 << 28, "every block is behind it");
+    // Three blocks of data, each in an extent of at most 1 MiB, whatever
+    // the filesystem allocates; the 1 TiB of holes cost nothing.
+    // (`make bench` times it: well under a second.)
+    assert!(n(&r, "bytes_read") >= 3 * BS, "{r}");
+    assert!(n(&r, "bytes_read") <= 3 * MIB, "holes are not read: {r}");
 }
 
 #[test]
