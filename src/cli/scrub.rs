@@ -37,7 +37,9 @@ pub struct ScrubArgs {
     json: bool,
 }
 
-/// How often `--wait` asks for progress.
+/// How often `--wait` asks for progress: soon at first (a sparse disk
+/// scrubs in milliseconds), then every quarter second.
+const FIRST_POLL: Duration = Duration::from_millis(5);
 const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Deserialize)]
@@ -107,6 +109,7 @@ fn follow(client: &mut Client, started: &Progress) -> anyhow::Result<Progress> {
     let bar = super::check::progress_bar(total, "scrubbing");
     let lines = !io::stderr().is_terminal();
     let mut next_tenth = 1;
+    let mut pause = FIRST_POLL;
     loop {
         let status: Status = client.call(&Request::Status)?;
         let Some(sc) = status.scrub.filter(|s| s.id == started.id) else {
@@ -126,7 +129,8 @@ fn follow(client: &mut Client, started: &Progress) -> anyhow::Result<Progress> {
         if sc.state != ScrubState::Running {
             break;
         }
-        thread::sleep(POLL);
+        thread::sleep(pause);
+        pause = (pause * 2).min(POLL);
     }
     bar.finish_and_clear();
     let p = client

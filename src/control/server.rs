@@ -222,12 +222,13 @@ impl Shared {
         }
         let mut slot = self.slot();
         if let Some(s) = slot.scrub.as_ref().filter(|s| s.running()) {
-            let p = s.progress();
-            return Err(CommandError::Refused(format!(
-                "scrub #{} is running ({:.1}% done); `twinsum scrub --stop` ends it",
-                p.id,
-                p.percent()
-            )));
+            return Err(CommandError::Refused(s.with_progress(|p| {
+                format!(
+                    "scrub #{} is running ({:.1}% done); `twinsum scrub --stop` ends it",
+                    p.id,
+                    p.percent()
+                )
+            })));
         }
         let engine = self.served.engine().ok_or(CommandError::NotServing)?;
         let id = slot.last_id + 1;
@@ -248,7 +249,7 @@ impl Shared {
             .slot()
             .scrub
             .as_ref()
-            .map(|sc| ScrubSummary::from(&sc.progress()));
+            .map(|sc| sc.with_progress(|p| ScrubSummary::from(p)));
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_s: self.served.uptime().as_secs(),

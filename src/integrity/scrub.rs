@@ -140,8 +140,14 @@ impl Scrub {
         })
     }
 
+    /// The whole progress, with the list of mismatched blocks.
     pub fn progress(&self) -> Progress {
         self.shared.progress().clone()
+    }
+
+    /// `f` of the progress, without copying the list.
+    pub fn with_progress<T>(&self, f: impl FnOnce(&Progress) -> T) -> T {
+        f(&self.shared.progress())
     }
 
     pub fn running(&self) -> bool {
