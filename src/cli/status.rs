@@ -158,7 +158,11 @@ fn prometheus(s: &Status) -> String {
     let flag = |b: bool| u8::from(b).to_string();
     let counters = [
         ("reads_total", "Guest read requests.", s.reads),
-        ("writes_total", "Guest write requests.", s.writes),
+        (
+            "writes_total",
+            "Guest writes committed out of the write-back stage.",
+            s.writes,
+        ),
         ("flushes_total", "Guest flush requests.", s.flushes),
         (
             "mismatches_total",

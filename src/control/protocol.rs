@@ -55,7 +55,8 @@ pub struct Status {
     pub blocks: u64,
     // The counters below start at zero with each engine: at start, and
     // again after a simulated power cut.
-    /// Guest read, write and flush requests.
+    /// Guest read, write and flush requests; a write counts once it is
+    /// committed out of the write-back stage (until then it is `queued`).
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
