@@ -250,7 +250,7 @@ impl Config {
     }
 
     fn wants(&self, side: &str) -> bool {
-        self.only.as_deref().map_or(true, |o| o == side)
+        self.only.as_deref().is_none_or(|o| o == side)
     }
 }
 

@@ -583,7 +583,7 @@ fn plan(
     } else if rng.gen_bool(0.05) {
         damage = Damage::Invalid;
         len = rng.gen_range(1..MAX_DATA as u32);
-        len += u32::from(len % BS as u32 == 0);
+        len += u32::from(len.is_multiple_of(BS as u32));
     }
     match ty_pick {
         0..=34 => {

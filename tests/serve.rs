@@ -488,3 +488,65 @@ fn bad_stage_files_are_refused_with_one_line() {
     let mut c = Client::connect(&disk.socket, 1);
     assert_eq!(c.q0().read(4096, 4096).unwrap(), pattern(4096, 4096, 5));
 }
+
+/// Metadata of the first format (version 1, no log) is served as before
+/// and stays version 1: nothing upgrades it behind the user's back. A
+/// kill -9 in the middle leaves it unclean, and the restart reads every
+/// completed write back.
+#[test]
+fn version_1_metadata_is_served_and_stays_version_1() {
+    let disk = Disk::new_with(16 * MIB, 4096, |_| vec!["--meta-log".into(), "0".into()]);
+    assert_eq!(disk.info()["version"], 1);
+    let mut d = disk.serve(&["--queues", "2"]);
+    let written = {
+        let mut c = Client::connect(&disk.socket, 2);
+        write_patterns_concurrently(&mut c, 4096, 2 * MIB, 11)
+    };
+    d.signal(libc::SIGKILL);
+    d.wait_exit();
+    assert_eq!(disk.info()["clean"], false, "killed while dirty");
+
+    let d = disk.serve(&["--queues", "2"]);
+    {
+        let mut c = Client::connect(&disk.socket, 2);
+        verify(&mut c, &written, 11);
+    }
+    assert!(d.terminate().success());
+    let info = disk.info();
+    assert_eq!(info["version"], 1, "still the first format");
+    assert_eq!(info["clean"], true);
+    let check = common::twinsum(&["check", "--data", s(&disk.data), "--meta", s(&disk.meta)]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// Metadata that cannot be used is reported as the metadata's fault, in
+/// one line, and the stage file this start made is not left in tmpfs.
+#[test]
+fn bad_metadata_is_refused_by_name_and_leaves_no_stage() {
+    let disk = Disk::new(MIB, 4096);
+    // A foreign superblock: the magic is gone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.meta)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"garbage!", 0))
+        .expect("overwrite the superblock");
+    let mut d = Daemon::spawn(&disk, &disk.socket, &[]);
+    assert_eq!(d.wait_exit().code(), Some(2));
+    let log = d.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not twinsum metadata"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(!errors[0].contains("stage"), "blamed on the stage: {log}");
+    assert!(
+        !disk.stage.exists(),
+        "stage {} left behind",
+        disk.stage.display()
+    );
+}

@@ -455,7 +455,7 @@ impl QueueJob<'_> {
     ) -> Option<u64> {
         let w = &self.w;
         *issued += 1;
-        if w.flush_every > 0 && *issued % u64::from(w.flush_every) == 0 {
+        if w.flush_every > 0 && (*issued).is_multiple_of(u64::from(w.flush_every)) {
             q.flush(slot, ReqFlags::empty());
             return None;
         }

@@ -61,13 +61,13 @@ impl Limits {
     /// alignment, overflow and the end of the disk.
     fn block_range(&self, sector: u64, count: u64) -> Result<(u64, u64), RequestError> {
         let spb = self.sectors_per_block();
-        if spb == 0 || sector % spb != 0 {
+        if spb == 0 || !sector.is_multiple_of(spb) {
             return Err(RequestError::UnalignedSector {
                 sector,
                 block_size: self.block_size,
             });
         }
-        if count % spb != 0 {
+        if !count.is_multiple_of(spb) {
             return Err(RequestError::UnalignedLength {
                 len: count.saturating_mul(SECTOR_SIZE),
                 block_size: self.block_size,
@@ -501,7 +501,7 @@ fn data_range(limits: &Limits, sector: u64, len: u64) -> Result<(u64, usize), Re
             max: limits.max_data_bytes,
         });
     }
-    if len % u64::from(limits.block_size) != 0 {
+    if !len.is_multiple_of(u64::from(limits.block_size)) {
         return Err(RequestError::UnalignedLength {
             len,
             block_size: limits.block_size,
@@ -525,7 +525,7 @@ fn parse_segments<M: GuestMemory + ?Sized>(
 ) -> Result<Vec<(u64, u64)>, RequestError> {
     let max = limits.max_zero_segments;
     let n = len / SEGMENT_LEN as u64;
-    if len == 0 || len % SEGMENT_LEN as u64 != 0 || n > u64::from(max) {
+    if len == 0 || !len.is_multiple_of(SEGMENT_LEN as u64) || n > u64::from(max) {
         return Err(RequestError::BadSegments { len, max });
     }
     // Bounded by max_zero_segments above.

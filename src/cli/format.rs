@@ -101,7 +101,7 @@ pub fn run(args: FormatArgs) -> anyhow::Result<ExitCode> {
     check_size(data_size, cfg.block_size)
         .with_context(|| format!("cannot format {}", cfg.data.display()))?;
     let blocks = data_size / u64::from(cfg.block_size);
-    // A log as large as the table it fronts, within 1..=16 MiB: room for
+    // A log as large as the table it serves, within 1..=16 MiB: room for
     // seconds of commit rounds between checkpoints on any disk, and no
     // more than the table itself on a small one.
     let log_size = cfg.log_size.unwrap_or_else(|| {
@@ -262,7 +262,7 @@ fn check_size(size: u64, block_size: u32) -> anyhow::Result<()> {
     if size == 0 {
         bail!("the image size must not be zero");
     }
-    if size % u64::from(block_size) != 0 {
+    if !size.is_multiple_of(u64::from(block_size)) {
         bail!("{size} bytes is not a whole number of {block_size}-byte blocks");
     }
     Ok(())

@@ -110,7 +110,7 @@ impl Formatter {
     /// table pages in order, which are then written in large runs.
     pub fn add(&mut self, offset: u64, data: &[u8]) -> Result<(), FormatError> {
         let bs = self.block_size;
-        if offset % bs != 0 || data.len() as u64 % bs != 0 {
+        if !offset.is_multiple_of(bs) || !(data.len() as u64).is_multiple_of(bs) {
             return Err(FormatError::Unaligned {
                 offset,
                 len: data.len(),

@@ -66,7 +66,7 @@ pub struct Metadata {
     cache: PageCache,
     /// Reused buffer for bulk reads and coalesced write-back.
     scratch: Vec<u8>,
-    /// Version 2: the metadata log in front of the table.
+    /// Version 2: the metadata log, a region after the table.
     log: Option<Log>,
     /// Pairs the log holds that the table may not: read before the table
     /// until [`Metadata::recover`] folds them into it (read-only users
@@ -87,7 +87,7 @@ impl PageBits {
     fn get(&self, page: u64) -> bool {
         self.0
             .get((page / 64) as usize)
-            .map_or(true, |w| w & (1 << (page % 64)) != 0)
+            .is_none_or(|w| w & (1 << (page % 64)) != 0)
     }
 
     fn set(&mut self, page: u64) {

@@ -1,5 +1,5 @@
 //! The metadata log of format version 2: one sequential record per commit
-//! round in front of the pair table.
+//! round, in a region after the pair table.
 //!
 //! A commit round appends one record of every `(block, new, old)` it
 //! changes and makes just that record durable; the table pages it dirtied
@@ -128,7 +128,7 @@ impl Log {
             let found = log.read_at(dev, log.head, &mut buf)?.map(|n| (log.head, n));
             let found = match found {
                 Some(f) => Some(f),
-                None if log.head % size != 0 => {
+                None if !log.head.is_multiple_of(size) => {
                     let wrapped = log.head + (size - log.head % size);
                     log.read_at(dev, wrapped, &mut buf)?.map(|n| (wrapped, n))
                 }
@@ -175,7 +175,7 @@ impl Log {
             && get64(buf, 8) == self.next_seq
             && get64(buf, 24) == self.salt
             && len >= ALIGN
-            && len % ALIGN == 0
+            && len.is_multiple_of(ALIGN)
             && phys + len as u64 <= self.size
             && RECORD_HEADER + entries_of(buf) * ENTRY <= len;
         if !plausible {

@@ -49,7 +49,7 @@ pub const VERSION_NO_LOG: u32 = 1;
 pub const MIN_LOG_SIZE: u64 = 16 << 10;
 /// Hash id of xxh3-64 seeded by salt and block number.
 pub const HASH_XXH3: u32 = 1;
-/// Hash id of BLAKE3 keyed over block number, salt and data, 64 bits.
+/// Hash id of BLAKE3 keyed over data, block number and salt (in that order), 64 bits.
 pub const HASH_BLAKE3_KEYED: u32 = 2;
 
 /// The name of a hash id, as `info` prints it.
@@ -125,7 +125,7 @@ pub enum SuperblockError {
     Magic(u64),
     #[error("superblock checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
-    #[error("unsupported metadata version {0} (this build reads version {VERSION})")]
+    #[error("unsupported metadata version {0} (this build reads versions {VERSION_NO_LOG} and {VERSION})")]
     Version(u32),
     #[error("unknown superblock flags {0:#x}")]
     Flags(u32),
@@ -173,7 +173,7 @@ impl Superblock {
     pub fn new(block_size: u32, data_size: u64, salt: u64) -> Result<Self, SuperblockError> {
         check_block_size(block_size)?;
         let blocks = data_size / u64::from(block_size);
-        if data_size % u64::from(block_size) != 0 {
+        if !data_size.is_multiple_of(u64::from(block_size)) {
             return Err(SuperblockError::DataSize {
                 data_size,
                 blocks,
@@ -358,9 +358,9 @@ impl Superblock {
             let table_end = super::meta_len(blocks);
             let bad = sb.log_offset != table_end
                 || sb.log_size < MIN_LOG_SIZE
-                || sb.log_size % 4096 != 0
+                || !sb.log_size.is_multiple_of(4096)
                 || sb.log_pos >= sb.log_size
-                || sb.log_pos % 512 != 0;
+                || !sb.log_pos.is_multiple_of(512);
             if bad {
                 return Err(SuperblockError::Log {
                     offset: sb.log_offset,

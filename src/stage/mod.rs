@@ -84,7 +84,10 @@ pub enum StageError {
     Magic([u8; 8]),
     #[error("stage header checksum mismatch (stored {stored:#018x}, computed {computed:#018x})")]
     HeaderChecksum { stored: u64, computed: u64 },
-    #[error("stage version {0} is newer than this twinsum understands ({VERSION})")]
+    #[error(
+        "stage version {0} is {age} than this twinsum understands ({VERSION})",
+        age = if *.0 > VERSION { "newer" } else { "older" }
+    )]
     Version(u32),
     #[error("the stage is truncated: {have} bytes, its header needs {need}")]
     Truncated { have: u64, need: u64 },
@@ -549,7 +552,7 @@ fn decode_header(b: &[u8; 512]) -> Result<Header, StageError> {
         return Err(StageError::Version(version));
     }
     let capacity = get64(b, 48);
-    if capacity < MIN_CAPACITY || capacity % RECORD_HEADER != 0 {
+    if capacity < MIN_CAPACITY || !capacity.is_multiple_of(RECORD_HEADER) {
         return Err(StageError::TooSmall(RING_START + capacity));
     }
     let mut boot = [0u8; 16];
@@ -589,7 +592,7 @@ fn read_marker_of(region: &dyn Region) -> Result<Marker, StageError> {
             pos: get64(&b, 24),
             generation: get64(&b, 32),
         };
-        if best.map_or(true, |b| m.counter > b.counter) {
+        if best.is_none_or(|b| m.counter > b.counter) {
             best = Some(m);
         }
     }

@@ -250,7 +250,11 @@ fn a_torn_marker_slot_falls_back_to_the_other() {
     // The newest marker is damaged: the previous one (before the release)
     // still says where to start, so block 1 is replayed again — harmless,
     // it is the same write.
-    let newest = if s.marker_counter % 2 == 0 { 512 } else { 1024 };
+    let newest = if s.marker_counter.is_multiple_of(2) {
+        512
+    } else {
+        1024
+    };
     r.write_at(&[0xaa; 8], newest + 16).unwrap();
     let (_, rec) = reopen(&r);
     let blocks: Vec<u64> = rec.records.iter().map(|r| r.block).collect();

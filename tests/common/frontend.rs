@@ -174,7 +174,7 @@ impl GuestMem {
             // store is 8-aligned (the mapping is page-aligned).
             unsafe {
                 let p = self.ptr.add(at + i);
-                if (at + i) % 8 == 0 && bytes.len() - i >= 8 {
+                if (at + i).is_multiple_of(8) && bytes.len() - i >= 8 {
                     let mut w = [0u8; 8];
                     w.copy_from_slice(&bytes[i..i + 8]);
                     p.cast::<u64>().write_volatile(u64::from_ne_bytes(w));
@@ -200,7 +200,7 @@ impl GuestMem {
             // load is 8-aligned.
             unsafe {
                 let p = self.ptr.add(at + i);
-                if (at + i) % 8 == 0 && len - i >= 8 {
+                if (at + i).is_multiple_of(8) && len - i >= 8 {
                     out.extend_from_slice(&p.cast::<u64>().read_volatile().to_ne_bytes());
                     i += 8;
                 } else {

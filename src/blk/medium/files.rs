@@ -48,9 +48,14 @@ impl Files {
             path: path.to_owned(),
             source,
         };
-        let engine_err = |source| ServeError::StageEngine {
-            path: path.to_owned(),
-            source,
+        // Only a stage failure is said to be the stage's: bad metadata is
+        // reported as such.
+        let engine_err = |source| match source {
+            EngineError::Stage(_) | EngineError::StageNeedsReplay(_) => ServeError::StageEngine {
+                path: path.to_owned(),
+                source,
+            },
+            other => ServeError::Engine(other),
         };
         let boot = stage::boot_id().map_err(stage_err)?;
         let len = stage::RING_START + self.stage_bytes;
@@ -90,8 +95,16 @@ impl Files {
             }
         }
         let region = Arc::new(MappedFile::open(path, Some(len)).map_err(stage_err)?);
-        Engine::open_with_stage(data, meta, StageConfig { region, boot }, opts.clone())
-            .map_err(engine_err)
+        let opened =
+            Engine::open_with_stage(data, meta, StageConfig { region, boot }, opts.clone());
+        if opened.is_err() {
+            // This start made the file and nothing was staged in it: do not
+            // leave tmpfs memory behind for a disk that cannot be served.
+            if let Err(e) = fs::remove_file(path) {
+                log::warn!("cannot remove the unused stage {}: {e}", path.display());
+            }
+        }
+        opened.map_err(engine_err)
     }
 }
 

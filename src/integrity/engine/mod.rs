@@ -733,7 +733,7 @@ impl Core {
 
     fn block_count(&self, len: usize) -> Result<u64, EngineError> {
         let bs = self.block_size as usize;
-        if len % bs != 0 {
+        if !len.is_multiple_of(bs) {
             return Err(EngineError::Unaligned {
                 len,
                 block_size: self.block_size,

@@ -198,7 +198,7 @@ impl Core {
                     let newer = st
                         .overlay
                         .get(&b)
-                        .map_or(true, |o| o.slot.seq < entry.slot.seq);
+                        .is_none_or(|o| o.slot.seq < entry.slot.seq);
                     if newer {
                         st.overlay.insert(b, entry.clone());
                     }
@@ -328,7 +328,7 @@ impl Core {
         for (i, r) in records.iter().enumerate() {
             let len = r.len as usize;
             let count = (len / bs) as u64;
-            if len % bs != 0 || self.check_range(r.block, count).is_err() {
+            if !len.is_multiple_of(bs) || self.check_range(r.block, count).is_err() {
                 // A record that verifies cannot say this unless the stage
                 // was written by a twinsum with other geometry.
                 return Err(EngineError::Io {

@@ -176,7 +176,7 @@ impl VolatileDevice {
     /// power of two that divides the device size, and the cache must still
     /// be empty.
     pub fn with_atomic_unit(mut self, bytes: u64) -> io::Result<Self> {
-        if !bytes.is_power_of_two() || self.size % bytes != 0 {
+        if !bytes.is_power_of_two() || !self.size.is_multiple_of(bytes) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(

@@ -216,7 +216,7 @@ impl VolatileDevice {
     /// changed it between the failure and this call: every change passes
     /// here first). The call itself then proceeds on the live state.
     pub(super) fn count_call(&self, state: &mut State) -> io::Result<()> {
-        if self.fuse.as_ref().map_or(true, |f| f.pass()) {
+        if self.fuse.as_ref().is_none_or(|f| f.pass()) {
             return Ok(());
         }
         state.stats.after_cut += 1;
