@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::thread;
 
-use common::{pattern, s, Client, Daemon, Disk};
+use common::{pattern, poll, s, Client, Daemon, Disk};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -libc::EIO;
@@ -285,11 +285,11 @@ fn sigusr1_and_disconnect_switch_to_synchronous_metadata() {
     let d = disk.serve(&[]);
     let mut c = Client::connect(&disk.socket, 1);
     c.q0().write(0, &pattern(0, 4096, 2)).expect("write");
-    assert_eq!(
-        disk.info()["clean"],
-        false,
-        "a write marks the metadata dirty"
-    );
+    // A write marks the metadata dirty, in the commit round that moves
+    // it out of the stage: just after it completed, maybe not yet.
+    poll("the metadata marked dirty", || {
+        (disk.info()["clean"] == false).then_some(())
+    });
     d.signal(libc::SIGUSR1);
     d.wait_for_log("SIGUSR1: metadata is now written synchronously");
     assert_eq!(disk.info()["sync_mode"], true);
