@@ -1,4 +1,5 @@
-//! The `twinsum` command line: serve | format | check | info.
+//! The `twinsum` command line: serve | format | check | info | status | scrub
+//! | sync-mode | power-cut.
 
 mod cli;
 

@@ -4,8 +4,11 @@
 mod check;
 mod format;
 mod info;
+mod scrub;
 mod serve;
+mod signal;
 mod stage;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,14 @@ enum Command {
     Check(check::CheckArgs),
     /// Print the metadata superblock.
     Info(info::InfoArgs),
+    /// Ask a running serve for its counters and state (its --control socket).
+    Status(status::StatusArgs),
+    /// Verify every block of a running serve's disk in the background.
+    Scrub(scrub::ScrubArgs),
+    /// What SIGUSR1 does: metadata written out, then kept current.
+    SyncMode(signal::SignalArgs),
+    /// What SIGUSR2 does under serve --volatile-cache: a simulated power cut.
+    PowerCut(signal::SignalArgs),
 }
 
 /// Load `--key-file`, if given; its refusals (too short, too open) are
@@ -47,5 +58,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Format(a) => format::run(a),
         Command::Check(a) => check::run(a),
         Command::Info(a) => info::run(a),
+        Command::Status(a) => status::run(a),
+        Command::Scrub(a) => scrub::run(a),
+        Command::SyncMode(a) => signal::sync_mode(a),
+        Command::PowerCut(a) => signal::power_cut(a),
     }
 }

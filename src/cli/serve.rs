@@ -81,6 +81,11 @@ pub struct ServeArgs {
     /// such a disk, refused for any other).
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// A control socket for `twinsum status`, `scrub`, `sync-mode` and
+    /// `power-cut` (mode 0600; a stale one is replaced; one JSON object per
+    /// line each way).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
@@ -134,6 +139,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 a.stage_size
             );
         }
+        if a.control.as_ref() == Some(&a.socket) {
+            bail!("--control must name another path than --socket");
+        }
         let stage = match a.stage {
             Some(p) => p,
             None => twinsum::stage::default_path(&a.meta)
@@ -159,6 +167,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 seed: a.power_cut_seed,
             }),
             key: super::load_key(a.key_file.as_ref())?,
+            control: a.control,
         })
     }
 }
