@@ -3,9 +3,11 @@
 //! Layering (see ARCHITECTURE.md): `io` knows devices; `meta` knows the
 //! on-disk format and nothing of the state machine; `integrity` is the
 //! state machine and knows nothing of virtio; `key` knows key files; `blk`
-//! is virtio-blk and vhost-user and knows nothing of the on-disk format.
+//! is virtio-blk and vhost-user and knows nothing of the on-disk format;
+//! `control` is the control socket of a running server.
 
 pub mod blk;
+pub mod control;
 pub mod error;
 pub mod integrity;
 pub mod io;

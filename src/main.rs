@@ -1,5 +1,5 @@
-//! The `twinsum` command line: serve | format | check | info | log-info |
-//! crash-states.
+//! The `twinsum` command line: serve | format | check | info | status | scrub
+//! | sync-mode | power-cut | mark | log-info | crash-states.
 
 mod cli;
 

@@ -1,7 +1,9 @@
 //! Every crash state of a run (issue 14): an ext4 workload with fsyncs
 //! runs once in a guest on `twinsum serve --log-writes`; `crash-states`
-//! then makes states cut right after flushes and at random instants (and,
-//! with random subsets of the later writes, kept, dropped or torn). For
+//! then makes states cut right after flushes, at the marks the host put
+//! into the log (`twinsum mark`) after each fsync the guest reported, and
+//! at random instants, each with a random subset of the later writes
+//! kept, dropped or torn. For
 //! each: `twinsum check` is clean, e2fsck replays the journal and then
 //! `e2fsck -fn` is clean, and every file fsynced before the cut has its
 //! content (read from the host with debugfs). A state made illegal on
@@ -47,15 +49,18 @@ fn run(program: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Records in the log now (`log-info --json`).
-fn entries(log: &Path) -> u64 {
-    let out = run_twinsum(&["log-info", s(log), "--json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["entries"].as_u64().unwrap()
+/// Put mark `name` into the log through the control socket; its position.
+fn mark(control: &Path, name: &str) -> Result<u64, String> {
+    let out = run_twinsum(&["mark", "--control", s(control), name, "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    v["mark"]["position"]
+        .as_u64()
+        .ok_or_else(|| format!("no position in {out}"))
 }
 
 /// A file fsynced in the guest: its md5, and a log position by which the
-/// fsync had completed.
+/// fsync had completed (the mark the host made once it saw the guest's
+/// FSYNCED line).
 struct Fsynced {
     name: String,
     md5: String,
@@ -128,6 +133,7 @@ fn guest_ext4_every_crash_state_of_a_recorded_run_is_consistent() {
         .unwrap();
     let d = dir.path().to_owned();
     let log = d.join("run.log");
+    let control = d.join("control.sock");
     let (base, base_meta) = (d.join("base.img"), d.join("base.meta"));
     // ext4 made on the host and formatted over, so that every instant of
     // the log holds a filesystem; then the base copies, as the README says.
@@ -171,9 +177,8 @@ fn guest_ext4_every_crash_state_of_a_recorded_run_is_consistent() {
             Ok(())
         })
     };
-    let Some(mut sess) =
-        Session::start_prepared("crash-states", 4096, &["--log-writes", s(&log)], prepare)
-    else {
+    let serve_args = ["--log-writes", s(&log), "--control", s(&control)];
+    let Some(mut sess) = Session::start_prepared("crash-states", 4096, &serve_args, prepare) else {
         return;
     };
     if !sess.backend.is_twinsum() {
@@ -188,13 +193,13 @@ fn guest_ext4_every_crash_state_of_a_recorded_run_is_consistent() {
     let mut files = Vec::new();
     for i in 0..FILES {
         sess.wait_marker("WAIT next");
-        let by = entries(&log) - 1;
         let m = sess.markers("FSYNCED");
         let Some(line) = m.get(i) else {
             sess.fail(format!("no FSYNCED marker for file {i}"));
         };
         let mut w = line.split_whitespace();
         let (name, md5) = (w.next().unwrap().to_owned(), w.next().unwrap().to_owned());
+        let by = mark(&control, &format!("fsynced-{name}")).unwrap_or_else(|e| sess.fail(e));
         files.push(Fsynced { name, md5, by });
         sess.reply("next", "");
     }
@@ -207,12 +212,13 @@ fn guest_ext4_every_crash_state_of_a_recorded_run_is_consistent() {
     eprintln!("log: {info}");
     assert!(info["flushes"].as_u64().unwrap() >= FILES as u64, "{info}");
     assert_eq!(info["stops"], 1, "{info}");
+    assert_eq!(info["marks"].as_array().unwrap().len(), FILES, "{info}");
 
-    // The states: right after flushes, and at random instants.
+    // The states: right after flushes, at the marks, at random instants.
     let mut states = 0;
     let mut file_checks = 0;
     let mut kept_dropped_torn = [0u64; 3];
-    for (at, count) in [("flushes", "16"), ("random", "24")] {
+    for (at, count) in [("flushes", "12"), ("marks", "10"), ("random", "14")] {
         let out = d.join(at);
         let manifest = run_twinsum(&[
             "crash-states",
@@ -242,6 +248,11 @@ fn guest_ext4_every_crash_state_of_a_recorded_run_is_consistent() {
             let meta = out.join(st["meta"].as_str().unwrap());
             let cut = st["cut"].as_u64().unwrap();
             assert_eq!(st["at"], at);
+            if at == "marks" {
+                // A mark's state has at least the file it was made for.
+                let name = st["mark"].as_str().unwrap().trim_start_matches("fsynced-");
+                assert!(files.iter().any(|f| f.name == name && f.by == cut), "{st}");
+            }
             for (k, key) in ["kept", "dropped", "torn"].iter().enumerate() {
                 kept_dropped_torn[k] += st[key].as_u64().unwrap();
             }

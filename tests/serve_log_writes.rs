@@ -50,9 +50,12 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
     copy(&d.data, &base);
     copy(&d.meta, &base_meta);
 
-    // First process: writes and flushes, a zeroing, then an orderly stop.
-    let daemon = d.serve(&["--log-writes", s(&log)]);
+    // First process: writes and flushes, each followed by a mark made
+    // through the control socket, a zeroing, then an orderly stop.
+    let control = d.path("control.sock");
+    let daemon = d.serve(&["--log-writes", s(&log), "--control", s(&control)]);
     let mut flushed = Vec::new();
+    let mut marks = Vec::new();
     {
         let mut c = Client::connect(&daemon.socket, 2);
         let mut q = c.q0();
@@ -61,7 +64,23 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
             q.write(off, &pattern(off, len, i)).unwrap();
             q.flush().unwrap();
             flushed.push((off, pattern(off, len, i)));
+            let o = twinsum(&[
+                "mark",
+                "--control",
+                s(&control),
+                &format!("flushed-{i}"),
+                "--json",
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(m["mark"]["name"], format!("flushed-{i}"));
+            marks.push(m["mark"]["position"].as_u64().unwrap());
         }
+        // Refused, with one line: a name too long.
+        let o = twinsum(&["mark", "--control", s(&control), &"x".repeat(256)]);
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("1 to 255 bytes"), "{err}");
         q.write_zeroes(12 * MIB, MIB).unwrap();
         q.write(13 * MIB, &pattern(13 * MIB, 8192, 99)).unwrap();
         // Logging changes nothing the guest reads.
@@ -73,10 +92,24 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
         (info["starts"].as_u64(), info["stops"].as_u64()),
         (Some(1), Some(1))
     );
+    let logged: Vec<u64> = info["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, marks);
     assert!(info["writes"].as_u64().unwrap() >= 7, "{info}");
     assert!(info["flushes"].as_u64().unwrap() >= 6, "{info}");
     assert!(info["zeroes"].as_u64().unwrap() >= 1, "{info}");
     assert!(info["data"]["syncs"].as_u64().unwrap() >= 6, "{info}");
+
+    // Without --log-writes there is nothing to mark.
+    let plain = d.serve(&["--control", s(&control)]);
+    let o = twinsum(&["mark", "--control", s(&control), "nothing"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("without --log-writes"));
+    assert!(plain.terminate().success());
 
     // Second process, killed: the log is appended to and stays readable.
     let daemon = d.serve(&["--log-writes", s(&log)]);
@@ -145,7 +178,8 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
         );
     }
 
-    // Marks: none were made, so no states, and it says so.
+    // A state at each mark, holding every write flushed before it.
+    let out = d.path("marks");
     let o = twinsum(&[
         "crash-states",
         "--log",
@@ -155,12 +189,29 @@ fn a_recorded_run_gives_crash_states_that_check_clean_and_keep_flushed_writes() 
         "--base-meta",
         s(&base_meta),
         "--out",
-        s(&d.path("marks")),
+        s(&out),
         "--at",
         "marks",
+        "--seed",
+        "4",
+        "--json",
     ]);
-    assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no instant to cut at"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let states = m["states"].as_array().unwrap();
+    assert_eq!(states.len(), 6);
+    for (i, st) in states.iter().enumerate() {
+        assert_eq!(st["mark"], format!("flushed-{i}"));
+        assert_eq!(st["cut"].as_u64(), Some(marks[i]));
+        let bytes = fs::read(out.join(st["image"].as_str().unwrap())).unwrap();
+        for (off, data) in &flushed[..=i] {
+            let at = *off as usize;
+            assert!(
+                bytes[at..at + data.len()] == data[..],
+                "mark {i}: write at {off}"
+            );
+        }
+    }
 
     // A wrong base: the metadata as it is now.
     let o = twinsum(&[

@@ -167,7 +167,7 @@ impl Disk {
         self.halted.get().is_some()
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
@@ -187,15 +187,29 @@ impl Disk {
     /// Shutdown signal (DESIGN §4): write out all metadata, then keep it
     /// current after every write.
     pub fn enter_sync_mode(&self, why: &str) {
+        // Logged either way; the callers here have no one to answer.
+        let _ = self.try_enter_sync_mode(why);
+    }
+
+    /// [`enter_sync_mode`](Self::enter_sync_mode), for a caller that
+    /// answers: `Ok(true)` once the metadata is current, `Ok(false)` for a
+    /// read-only disk, whose metadata is never written.
+    pub fn try_enter_sync_mode(&self, why: &str) -> Result<bool, EngineError> {
         if self.readonly {
             log::info!(
                 "{why}: read-only disk, its metadata is never written (synchronous mode is moot)"
             );
-            return;
+            return Ok(false);
         }
         match self.engine.enter_sync_mode() {
-            Ok(()) => log::info!("{why}: metadata is now written synchronously"),
-            Err(e) => log::error!("{why}: cannot switch to synchronous metadata: {e}"),
+            Ok(()) => {
+                log::info!("{why}: metadata is now written synchronously");
+                Ok(true)
+            }
+            Err(e) => {
+                log::error!("{why}: cannot switch to synchronous metadata: {e}");
+                Err(e)
+            }
         }
     }
 

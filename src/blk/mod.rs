@@ -8,7 +8,7 @@
 //! - [`backend`]: the vhost-user backend of one front-end connection.
 //! - [`guestmem`]: memory tables checked against their files, and a
 //!   SIGBUS handler for a file that shrinks later.
-//! - `served`: the disk being served across connections (write-back,
+//! - [`served`]: the disk being served across connections (write-back,
 //!   synchronous mode, power cuts, the final stop).
 //! - `medium`: what that disk is made of — the real files with their
 //!   stage, or the same files behind simulated volatile caches.
@@ -20,9 +20,9 @@ pub mod config;
 pub mod execute;
 pub mod guestmem;
 mod medium;
-mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod request;
-mod served;
+pub mod served;
 pub mod server;
 #[cfg(test)]
 mod testutil;

@@ -1,8 +1,8 @@
 //! The disk being served: one engine at a time on a [`Medium`], the
 //! [`Disk`] every front-end connection gets, and what outlives one
 //! front-end — the periodic write-back, synchronous mode, power cuts, the
-//! final stop. The signal thread (and any other control) reaches the disk
-//! only through [`Served`].
+//! final stop. The signal thread and the control socket
+//! ([`crate::control`]) reach the disk only through [`Served`].
 //!
 //! A power cut halts the connected front-end's [`Disk`] and replaces it by
 //! a fresh one, opened on what survived. If the cut or that reopen fails,
@@ -11,20 +11,27 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::config;
 use super::execute::Disk;
 use super::medium::{self, Medium};
 use super::request::ID_LEN;
 use super::server::{ServeConfig, ServeError};
-use crate::integrity::{EngineOptions, Stats};
+use crate::integrity::{Engine, EngineError, EngineOptions, Stats};
+use crate::io::volatile::CutSummary;
 
 /// The disk being served (see the module documentation).
-pub(super) struct Served {
+pub struct Served {
     /// How each engine is opened, at start and after each power cut.
     opts: EngineOptions,
     serial: String,
+    queues: u16,
+    started: Instant,
+    /// A front-end is connected (whichever disk it has).
+    frontend: AtomicBool,
     state: Mutex<Guarded>,
 }
 
@@ -40,12 +47,12 @@ struct Guarded {
 
 /// What [`Served::power_cut`] did.
 #[derive(Debug)]
-pub(super) enum PowerCut {
+pub enum PowerCut {
     /// The disk has no power to cut (not `--volatile-cache`): nothing.
     Unsupported,
     /// Cut (the summary is logged), and a fresh engine serves what
     /// survived.
-    Done,
+    Done(CutSummary),
     /// The cut or the reopen failed: the server must stop.
     Failed,
 }
@@ -69,6 +76,9 @@ impl Served {
         Ok(Self {
             opts,
             serial,
+            queues: cfg.queues,
+            started: Instant::now(),
+            frontend: AtomicBool::new(false),
             state: Mutex::new(Guarded {
                 medium,
                 disk,
@@ -104,18 +114,51 @@ impl Served {
     }
 
     /// The counters of the engine serving now.
-    pub(super) fn stats(&self) -> Stats {
+    pub fn stats(&self) -> Stats {
         self.lock().disk.engine().stats()
     }
 
-    /// Run `f` on the current disk unless it stopped answering (a dead
-    /// disk writes nothing, and trying only logs errors). The lock is
-    /// held, so no power cut happens while `f` runs.
-    fn with_live(&self, f: impl FnOnce(&Disk)) {
+    /// The engine serving now; `None` once a power cut (or the reopen
+    /// after it) failed and nothing is served any more.
+    pub fn engine(&self) -> Option<Arc<Engine>> {
         let g = self.lock();
-        if g.failed.is_none() && !g.disk.halted() {
-            f(&g.disk);
-        }
+        g.failed.is_none().then(|| g.disk.engine().clone())
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.opts.readonly
+    }
+
+    /// Virtqueues offered to each front-end.
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    /// Since the disk was first opened.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Power cuts so far; `None`: the disk has no power to cut.
+    pub fn power_cuts(&self) -> Option<u64> {
+        self.lock().medium.power_cuts()
+    }
+
+    pub fn frontend_connected(&self) -> bool {
+        self.frontend.load(Ordering::Acquire)
+    }
+
+    /// A front-end connected and got [`disk`](Self::disk).
+    pub(super) fn frontend_came(&self) {
+        self.frontend.store(true, Ordering::Release);
+    }
+
+    /// Run `f` on the current disk unless it stopped answering (a dead
+    /// disk writes nothing, and trying only logs errors): `None` then. The
+    /// lock is held, so no power cut happens while `f` runs.
+    fn with_live<T>(&self, f: impl FnOnce(&Disk) -> T) -> Option<T> {
+        let g = self.lock();
+        (g.failed.is_none() && !g.disk.halted()).then(|| f(&g.disk))
     }
 
     /// The periodic metadata write-back.
@@ -123,15 +166,28 @@ impl Served {
         self.with_live(|d| d.writeback());
     }
 
-    /// Shutdown signal (DESIGN §4): metadata written synchronously from now.
-    pub(super) fn enter_sync_mode(&self, why: &str) {
-        self.with_live(|d| d.enter_sync_mode(why));
+    /// Shutdown signal (DESIGN §4): metadata written synchronously from
+    /// now (`why`: who asked). `Ok(true)` once the metadata is current,
+    /// `Ok(false)` for a read-only disk, whose metadata is never written.
+    /// Logged either way.
+    pub fn enter_sync_mode(&self, why: &str) -> Result<bool, SyncModeError> {
+        self.with_live(|d| d.try_enter_sync_mode(why))
+            .ok_or(SyncModeError::NotServing)?
+            .map_err(SyncModeError::Engine)
+    }
+
+    /// Put a mark named `name` into the `--log-writes` log now; its
+    /// position there.
+    pub fn mark(&self, name: &str) -> Result<u64, MarkError> {
+        let log = self.lock().medium.write_log().ok_or(MarkError::NoLog)?;
+        Ok(log.mark(name)?)
     }
 
     /// The front-end that had `disk` went away: the orderly steps of
     /// DESIGN §4, unless that disk was halted meanwhile — then its engine
     /// is dropped without writing anything, as a crashed one.
     pub(super) fn frontend_gone(&self, disk: &Disk) {
+        self.frontend.store(false, Ordering::Release);
         let g = self.lock();
         if g.failed.is_some() || disk.halted() {
             log::info!(
@@ -146,7 +202,7 @@ impl Served {
 
     /// Cut the power (`why`: who asked), then open a fresh engine on what
     /// survived, for the next front-end.
-    pub(super) fn power_cut(&self, why: &str) -> PowerCut {
+    pub fn power_cut(&self, why: &str) -> PowerCut {
         let mut g = self.lock();
         let Guarded {
             medium,
@@ -180,7 +236,7 @@ impl Served {
                 log::info!(
                     "reopened the disk on what survived the cut, as a freshly started twinsum would"
                 );
-                PowerCut::Done
+                PowerCut::Done(summary)
             }
             Err(e) => {
                 log::error!("cannot reopen the disk after the power cut: {e}; stopping");
@@ -218,6 +274,24 @@ impl Served {
         );
         Ok(())
     }
+}
+
+/// Why [`Served::mark`] put no mark into the write log.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkError {
+    #[error("no write log: serve was started without --log-writes")]
+    NoLog,
+    #[error(transparent)]
+    Log(#[from] crate::writelog::WriteLogError),
+}
+
+/// Why [`Served::enter_sync_mode`] did not make the metadata current.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncModeError {
+    #[error("nothing is served any more (a power cut failed); twinsum is stopping")]
+    NotServing,
+    #[error("cannot switch to synchronous metadata")]
+    Engine(#[source] EngineError),
 }
 
 /// A GET_ID serial that stays the same while the image file does: a hash

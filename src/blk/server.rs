@@ -6,8 +6,12 @@
 //! (a restarted VM reattaches). SIGTERM/SIGINT end the process after the
 //! same orderly stop; SIGUSR1 switches to synchronous metadata (DESIGN §4).
 //!
-//! SIGUSR2 asks the disk being served ([`Served`], in `served.rs`) for a
-//! power cut, which only a `--volatile-cache` disk can do.
+//! SIGUSR2 asks the disk being served ([`Served`]) for a power cut, which
+//! only a `--volatile-cache` disk can do.
+//!
+//! With `--control PATH`, [`crate::control`] serves a second socket on the
+//! same [`Served`]: its `sync-mode` and `power-cut` run what SIGUSR1 and
+//! SIGUSR2 run, and answer with the result.
 
 pub use crate::io::volatile::VolatileCacheConfig;
 
@@ -58,6 +62,8 @@ pub struct ServeConfig {
     pub key: Option<Key>,
     /// `--log-writes`: record every write, zeroing and flush here.
     pub log_writes: Option<PathBuf>,
+    /// The control socket (mode 0600), if any.
+    pub control: Option<PathBuf>,
 }
 
 /// Why `serve` stopped with an error. Causes are `#[source]`s, not part of
@@ -98,6 +104,8 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     #[error("the simulated power cut failed")]
     PowerCut(#[source] io::Error),
+    #[error("cannot start the control socket")]
+    Control(#[source] io::Error),
     #[error("vhost-user: {0}")]
     Vhost(String),
 }
@@ -117,6 +125,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let limits = *served.disk().limits();
 
     let listener = bind_socket(&cfg.socket)?;
+    let control_listener = match cfg.control.as_deref().map(bind_socket).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            remove_socket(&cfg.socket);
+            return Err(e);
+        }
+    };
     log::info!(
         "serving {} ({} blocks of {} bytes{}{}) on {}, {} queue(s), serial {:?}{}",
         cfg.data.display(),
@@ -144,6 +159,22 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         conn: Mutex::new(None),
         socket: cfg.socket.clone(),
     });
+    let control_server = match control_listener {
+        None => None,
+        Some(l) => {
+            let c = control.clone();
+            match crate::control::Server::start(l, served.clone(), move || c.request_stop()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    if let Err(stop) = served.stop() {
+                        log::error!("{}", crate::error::Chain(&stop));
+                    }
+                    remove_sockets(&cfg);
+                    return Err(ServeError::Control(e));
+                }
+            }
+        }
+    };
     let writeback = {
         let served = served.clone();
         Periodic::start(cfg.writeback_interval, move || served.writeback())
@@ -159,10 +190,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let result = serve_connections(&cfg, &served, &control, listener);
 
     writeback.stop();
+    // Before the final stop: a scrub reads the disk the stop cleans.
+    drop(control_server);
     let result = result.and(served.stop());
-    if let Err(e) = fs::remove_file(&cfg.socket) {
-        log::warn!("cannot remove {}: {e}", cfg.socket.display());
-    }
+    remove_sockets(&cfg);
     if result.is_ok() {
         // It has seen SIGTERM/SIGINT, or we would not be here.
         let _ = sig_thread.join();
@@ -227,6 +258,7 @@ fn serve_connections(
             .start(&mut listener)
             .map_err(|e| ServeError::Vhost(e.to_string()))?;
         log::info!("front-end connected");
+        served.frontend_came();
         *control.conn.lock().unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
         if control.stopping() {
             daemon.request_shutdown();
@@ -326,6 +358,20 @@ fn lock_socket(socket: &Path) -> Result<UnixListener, ServeError> {
     }
 }
 
+fn remove_socket(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        log::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
+/// Remove the sockets we created, at exit.
+fn remove_sockets(cfg: &ServeConfig) {
+    remove_socket(&cfg.socket);
+    if let Some(p) = &cfg.control {
+        remove_socket(p);
+    }
+}
+
 /// Create the listening socket with mode 0600, replacing a stale one.
 fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
     let err = |source| ServeError::Socket {
@@ -387,7 +433,10 @@ fn signal_loop(set: libc::sigset_t, control: &Control, served: &Served) {
             return;
         }
         match sig {
-            libc::SIGUSR1 => served.enter_sync_mode("SIGUSR1"),
+            libc::SIGUSR1 => {
+                // Logged by the disk; a signal has no one to answer.
+                let _ = served.enter_sync_mode("SIGUSR1");
+            }
             // A failed cut leaves nothing to serve.
             libc::SIGUSR2 => {
                 if let PowerCut::Failed = served.power_cut("SIGUSR2") {

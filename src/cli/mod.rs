@@ -6,8 +6,12 @@ mod crash_states;
 mod format;
 mod info;
 mod log_info;
+mod mark;
+mod scrub;
 mod serve;
+mod signal;
 mod stage;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +43,16 @@ enum Command {
     /// Write the crash states of a recorded run: images a power cut could
     /// leave, with their metadata, and manifest.json.
     CrashStates(crash_states::CrashStatesArgs),
+    /// Ask a running serve for its counters and state (its --control socket).
+    Status(status::StatusArgs),
+    /// Verify every block of a running serve's disk in the background.
+    Scrub(scrub::ScrubArgs),
+    /// What SIGUSR1 does: metadata written out, then kept current.
+    SyncMode(signal::SignalArgs),
+    /// What SIGUSR2 does under serve --volatile-cache: a simulated power cut.
+    PowerCut(signal::SignalArgs),
+    /// Put a named mark into a running serve's --log-writes log now.
+    Mark(mark::MarkArgs),
 }
 
 /// Load `--key-file`, if given; its refusals (too short, too open) are
@@ -56,5 +70,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Info(a) => info::run(a),
         Command::LogInfo(a) => log_info::run(a),
         Command::CrashStates(a) => crash_states::run(a),
+        Command::Status(a) => status::run(a),
+        Command::Scrub(a) => scrub::run(a),
+        Command::SyncMode(a) => signal::sync_mode(a),
+        Command::PowerCut(a) => signal::power_cut(a),
+        Command::Mark(a) => mark::run(a),
     }
 }

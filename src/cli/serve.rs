@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// `twinsum crash-states`).
     #[arg(long, value_name = "LOG", conflicts_with = "volatile_cache")]
     log_writes: Option<PathBuf>,
+    /// A control socket for `twinsum status`, `scrub`, `sync-mode` and
+    /// `power-cut` (mode 0600; a stale one is replaced; one JSON object per
+    /// line each way).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 /// Largest `--volatile-cache-limit`: 1 TiB, far past any test machine's
@@ -140,6 +145,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 a.stage_size
             );
         }
+        if a.control.as_ref() == Some(&a.socket) {
+            bail!("--control must name another path than --socket");
+        }
         let stage = match a.stage {
             Some(p) => p,
             None => twinsum::stage::default_path(&a.meta)
@@ -166,6 +174,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }),
             key: super::load_key(a.key_file.as_ref())?,
             log_writes: a.log_writes,
+            control: a.control,
         })
     }
 }

@@ -5,8 +5,10 @@ mod engine;
 pub mod format;
 mod gate;
 pub mod hash;
+pub mod scrub;
+pub mod verify;
 
 pub use engine::{
     Engine, EngineError, EngineOptions, OnMismatch, Op, Replayed, StageConfig, Stats,
-    DEFAULT_STAGE_BYTES,
+    DEFAULT_STAGE_BYTES, RECENT_MISMATCHES,
 };

@@ -48,7 +48,31 @@ impl Disk {
     /// [`new`](Self::new) with more `format` arguments, made from the
     /// scratch directory (for files that must live in it).
     pub fn new_with(size: u64, block_size: u64, extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::new_in(
+            tempfile::tempdir().expect("tempdir"),
+            size,
+            block_size,
+            extra,
+        )
+    }
+
+    /// [`new`](Self::new) with IMG and META on tmpfs, where a sync costs
+    /// next to nothing: for races that need many flushes a second.
+    #[allow(dead_code)] // tests/control.rs only
+    pub fn new_on_tmpfs(size: u64, block_size: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("twinsum-test-")
+            .tempdir_in(shm_dir())
+            .expect("tempdir on tmpfs");
+        Self::new_in(dir, size, block_size, |_| Vec::new())
+    }
+
+    fn new_in(
+        dir: tempfile::TempDir,
+        size: u64,
+        block_size: u64,
+        extra: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
         let extra = extra(dir.path());
         let data = dir.path().join("disk.img");
         let meta = dir.path().join("disk.meta");
@@ -91,6 +115,21 @@ impl Disk {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Flip one byte of the image behind the daemon's back.
+    #[allow(dead_code)] // tests/serve.rs and tests/control.rs
+    pub fn flip_byte(&self, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.data)
+            .expect("open image");
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, offset).expect("read image");
+        b[0] ^= 0x5a;
+        f.write_all_at(&b, offset).expect("write image");
     }
 
     /// `twinsum info --json` as a JSON value, with the stage this disk's

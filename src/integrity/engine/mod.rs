@@ -19,6 +19,7 @@
 //!   a stage that outlives the process; a commit thread runs them as
 //!   rounds; a restarted engine replays what its predecessor left.
 //! - [`read`]: verified reads, with queued writes taking precedence.
+//! - [`recent`]: the blocks found mismatched most recently, for status.
 //!
 //! Locking: `state` (in [`pairs`]) guards the metadata cache and the
 //! Pending set; page writes happen under it, so they reach the device in
@@ -29,6 +30,7 @@
 mod error;
 mod pairs;
 mod read;
+mod recent;
 mod rounds;
 mod writeback;
 
@@ -40,11 +42,14 @@ use log::{error, info, warn};
 
 pub use self::error::EngineError;
 use self::pairs::State;
+use self::recent::Recent;
+pub use self::recent::RECENT_MISMATCHES;
 use self::rounds::{zero_chunks, Source, Update};
 use self::writeback::Writeback;
 use super::gate::SyncGate;
 use super::hash::Checksum;
-use crate::io::{MemRegion, Region};
+use super::verify::DataRegions;
+use crate::io::{Device, MemRegion, Region};
 use crate::key::Key;
 use crate::meta::{DeviceRef, Metadata, Superblock};
 use crate::stage::{BootId, Identity, Stage};
@@ -142,6 +147,9 @@ pub enum Op<'a> {
 pub struct Stats {
     pub reads: u64,
     pub writes: u64,
+    /// FLUSH requests (each op of a batch counts).
+    pub flushes: u64,
+    /// Blocks found matching neither checksum, by guest reads and scrubs.
     pub mismatches: u64,
     pub data_syncs: u64,
     pub meta_syncs: u64,
@@ -153,12 +161,16 @@ pub struct Stats {
     pub pending: u64,
     /// Writes completed but still in the write-back stage.
     pub queued: u64,
+    /// The superblock on the device says the last stop was orderly: no
+    /// write since the last `make_clean` (or since opening clean).
+    pub clean: bool,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     reads: AtomicU64,
     writes: AtomicU64,
+    flushes: AtomicU64,
     mismatches: AtomicU64,
     data_syncs: AtomicU64,
     meta_syncs: AtomicU64,
@@ -210,10 +222,12 @@ struct Core {
     /// Wakes the checkpoint thread (a log half full).
     ckpt: Mutex<rounds::CheckpointRequest>,
     ckpt_cv: Condvar,
-    /// Bumped on every pair change, so a read that raced a write or a flush
-    /// can tell and look again instead of reporting a false mismatch.
+    /// Bumped on every pair change and every completed data write, so a
+    /// read that raced a write or a flush can tell and look again instead
+    /// of reporting a false mismatch.
     pair_changes: AtomicU64,
     counters: Counters,
+    recent: Recent,
 }
 
 impl Engine {
@@ -361,6 +375,26 @@ impl Engine {
         self.core.stats()
     }
 
+    /// The blocks found mismatched most recently, newest first (at most
+    /// [`RECENT_MISMATCHES`]).
+    pub fn recent_mismatches(&self) -> Vec<u64> {
+        self.core.recent.list()
+    }
+
+    /// A scrub's read of whole blocks: verified exactly as a guest read
+    /// (queued writes first, looked at again while pairs change), each
+    /// mismatch counted and logged, but all of them returned instead of an
+    /// error, and not counted in [`Stats::reads`].
+    pub fn scrub_read(&self, block: u64, buf: &mut [u8]) -> Result<Vec<u64>, EngineError> {
+        self.core.scrub_blocks(block, buf)
+    }
+
+    /// The byte ranges of the data device that may hold data (holes
+    /// skipped), widened to whole blocks: where a scrub must read.
+    pub fn data_regions(&self) -> DataRegions<'_, dyn Device> {
+        DataRegions::new(&*self.core.data, u64::from(self.core.block_size))
+    }
+
     #[cfg(test)]
     fn lock(&self) -> MutexGuard<'_, State> {
         self.core.lock()
@@ -465,6 +499,7 @@ impl Core {
             ckpt_cv: Condvar::new(),
             pair_changes: AtomicU64::new(0),
             counters: Counters::default(),
+            recent: Recent::default(),
             data,
             meta_dev: meta,
             opts,
@@ -527,6 +562,9 @@ impl Core {
                 Op::Flush => flushes.push(i),
             }
         }
+        self.counters
+            .flushes
+            .fetch_add(flushes.len() as u64, Ordering::Relaxed);
         if !updates.is_empty() {
             self.write_updates(updates, &mut results);
         }
@@ -637,12 +675,16 @@ impl Core {
     }
 
     fn stats(&self) -> Stats {
-        let pending = self.lock().pending.len() as u64;
+        let (pending, clean) = {
+            let st = self.lock();
+            (st.pending.len() as u64, !st.marked_dirty)
+        };
         let queued = self.wb.as_ref().map_or(0, Writeback::queued);
         let c = &self.counters;
         Stats {
             reads: c.reads.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
             mismatches: c.mismatches.load(Ordering::Relaxed),
             data_syncs: c.data_syncs.load(Ordering::Relaxed),
             meta_syncs: c.meta_syncs.load(Ordering::Relaxed),
@@ -651,6 +693,7 @@ impl Core {
             rounds: c.rounds.load(Ordering::Relaxed),
             pending,
             queued,
+            clean,
         }
     }
 

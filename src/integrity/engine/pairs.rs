@@ -204,6 +204,9 @@ impl Core {
                 }
             }
         }
+        // A read that overlapped one of these writes may have seen part of
+        // it: the bump tells it to look again (read.rs).
+        self.pair_changes.fetch_add(1, Ordering::SeqCst);
         drop(st);
         self.completed.notify_all();
     }

@@ -550,3 +550,58 @@ fn keyed_disk_refuses_no_key_and_a_wrong_key_and_unkeyed_refuses_a_key() {
     assert!(keyed.keyed_engine(Some(&key)).is_ok());
     assert!(plain.keyed_engine(None).is_ok());
 }
+
+#[test]
+fn a_scrub_read_reports_every_bad_block_and_status_remembers_them() {
+    let disk = Disk::new(512, 16);
+    let e = disk.engine();
+    e.write(0, &pattern(512, 16, 2)).unwrap();
+    e.flush().unwrap();
+    disk.data.poke(3 * 512, |b| *b ^= 1);
+    disk.data.poke(9 * 512 + 7, |b| *b ^= 1);
+    let reads = e.stats().reads;
+    let mut buf = vec![0; 16 * 512];
+    // A guest read fails on the first; a scrub read names both.
+    assert_eq!(e.scrub_read(0, &mut buf).unwrap(), vec![3, 9]);
+    assert_eq!(e.stats().reads, reads, "a scrub read is not a guest read");
+    assert_eq!(e.stats().mismatches, 2);
+    assert!(matches!(
+        e.read(9, &mut buf[..512]),
+        Err(EngineError::Mismatch { block: 9 })
+    ));
+    assert_eq!(
+        e.recent_mismatches(),
+        vec![9, 3],
+        "newest first, no repeats"
+    );
+    assert!(e.scrub_read(15, &mut buf[..1024]).is_err(), "past the end");
+}
+
+#[test]
+fn a_scrub_read_takes_queued_writes_as_the_content() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    e.write(0, &pattern(512, 8, 4)).unwrap();
+    e.flush().unwrap();
+    // Just completed: in the stage or already written by the commit
+    // thread; either way the scrub judges (and returns) the write.
+    e.write(2, &pattern(512, 1, 5)).unwrap();
+    let mut buf = vec![0; 8 * 512];
+    assert_eq!(e.scrub_read(0, &mut buf).unwrap(), Vec::<u64>::new());
+    assert_eq!(&buf[1024..1536], &pattern(512, 1, 5)[..]);
+}
+
+#[test]
+fn stats_count_flushes_and_tell_whether_the_superblock_is_clean() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    assert!(e.stats().clean, "opened clean");
+    e.write(1, &pattern(512, 1, 1)).unwrap();
+    e.submit(&mut [Op::Flush, Op::Flush]);
+    e.flush().unwrap();
+    let s = e.stats();
+    assert_eq!(s.flushes, 3);
+    assert!(!s.clean, "a write marks it dirty");
+    assert!(e.make_clean().unwrap());
+    assert!(e.stats().clean);
+}
