@@ -1,5 +1,5 @@
 //! Engine behaviour over in-memory devices. The crash-model test
-//! (tests/crash_model.rs) covers power cuts; these cover the transitions.
+//! (tests/crash_model/) covers power cuts; these cover the transitions.
 
 use std::io;
 use std::sync::atomic::AtomicBool;
