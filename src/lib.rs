@@ -12,6 +12,7 @@ pub mod error;
 pub mod integrity;
 pub mod io;
 pub mod key;
+mod le;
 pub mod meta;
 pub mod stage;
 pub mod writelog;

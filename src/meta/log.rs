@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::{DeviceRef, MetaError, Pair};
+use crate::le::{get32, get64, put32, put64};
 
 const MAGIC: u32 = 0x474f_4c54; // "TLOG"
 const RECORD_VERSION: u32 = 1;
@@ -293,26 +294,6 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MetaError {
         what,
         source: std::sync::Arc::new(source),
     }
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u32::from_le_bytes)
-}
-
-fn get64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
 }
 
 #[cfg(test)]

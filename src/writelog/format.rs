@@ -47,6 +47,7 @@ use std::path::Path;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::WriteLogError;
+use crate::le::{get32, get64};
 
 /// `b"TWSWLOG1"`.
 pub const MAGIC: [u8; 8] = *b"TWSWLOG1";
@@ -149,22 +150,22 @@ impl Header {
         if b.len() < HEADER_LEN as usize || b[0..8] != MAGIC {
             return Err(WriteLogError::NotALog);
         }
-        let version = u32_at(b, 8);
+        let version = get32(b, 8);
         if version != VERSION {
             return Err(WriteLogError::Version(version));
         }
-        if u64_at(b, 504) != xxh3_64(&b[..504]) {
+        if get64(b, 504) != xxh3_64(&b[..504]) {
             return Err(WriteLogError::BadHeader);
         }
         Ok(Self {
-            block_size: u32_at(b, 16),
-            hash_id: u32_at(b, 20),
-            data_size: u64_at(b, 24),
-            meta_size: u64_at(b, 32),
-            salt: u64_at(b, 40),
-            generation: u64_at(b, 48),
-            meta_digest: u64_at(b, 56),
-            created_ms: u64_at(b, 64),
+            block_size: get32(b, 16),
+            hash_id: get32(b, 20),
+            data_size: get64(b, 24),
+            meta_size: get64(b, 32),
+            salt: get64(b, 40),
+            generation: get64(b, 48),
+            meta_digest: get64(b, 56),
+            created_ms: get64(b, 64),
         })
     }
 }
@@ -317,15 +318,15 @@ fn read_record(
     if !read_full(r, &mut h)? {
         return Ok(None);
     }
-    let len = u32_at(&h, 8);
-    if u32_at(&h, 0) != RECORD_MAGIC || len > MAX_PAYLOAD || u64_at(&h, 16) != want_seq {
+    let len = get32(&h, 8);
+    if get32(&h, 0) != RECORD_MAGIC || len > MAX_PAYLOAD || get64(&h, 16) != want_seq {
         return Ok(None);
     }
     payload.resize(len as usize, 0);
     if !read_full(r, payload)? {
         return Ok(None);
     }
-    if u64_at(&h, 24) != xxh3_64_with_seed(&h[..24], xxh3_64(payload)) {
+    if get64(&h, 24) != xxh3_64_with_seed(&h[..24], xxh3_64(payload)) {
         return Ok(None);
     }
     let data_pos = pos + RECORD_HEADER as u64 + 8;
@@ -356,7 +357,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 }
 
 fn decode_payload(kind: u8, dev: u8, p: &[u8], data_pos: u64) -> Option<Record> {
-    let word = |i: usize| p.get(8 * i..8 * i + 8).map(|b| u64_at(b, 0));
+    let word = |i: usize| p.get(8 * i..8 * i + 8).map(|b| get64(b, 0));
     let dev = Dev::from_code(dev);
     Some(match kind {
         kind::START if p.len() == 16 => Record::Start {
@@ -383,7 +384,7 @@ fn decode_payload(kind: u8, dev: u8, p: &[u8], data_pos: u64) -> Option<Record> 
         kind::GUEST_WRITE if p.len() >= 24 && p.len().is_multiple_of(8) => Record::GuestWrite {
             block: word(0)?,
             began: word(1)?,
-            hashes: p[16..].chunks_exact(8).map(|c| u64_at(c, 0)).collect(),
+            hashes: p[16..].chunks_exact(8).map(|c| get64(c, 0)).collect(),
         },
         kind::GUEST_ZERO if p.len() == 24 => Record::GuestZero {
             block: word(0)?,
@@ -396,18 +397,6 @@ fn decode_payload(kind: u8, dev: u8, p: &[u8], data_pos: u64) -> Option<Record> 
         },
         _ => return None,
     })
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// Counts of one device's records.
