@@ -74,10 +74,7 @@ impl Core {
             // of their blocks; copy them before reading the device, so a
             // write that leaves the stage meanwhile is not missed.
             let queued = match &self.wb {
-                Some(wb) => {
-                    queued_data.resize(buf.len(), 0);
-                    wb.copy_queued(block, count, bs, &mut queued_data)
-                }
+                Some(wb) => wb.copy_queued(block, count, bs, &mut queued_data),
                 None => Vec::new(),
             };
             // Pairs are read after the data: a write sets `new` before its

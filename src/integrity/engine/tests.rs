@@ -440,6 +440,30 @@ fn a_queued_write_is_read_back_before_it_reaches_the_disk() {
     }
 }
 
+/// A long read over a few queued blocks takes those from the stage and the
+/// rest from the disk, each in its place.
+#[test]
+fn a_long_read_mixes_queued_blocks_with_the_disk() {
+    let disk = Disk::new(4096, 64);
+    let e = disk.engine();
+    let mut expect = vec![0; 8 * 4096];
+    for b in 0..8u64 {
+        let v = pattern(4096, 1, b as u8);
+        e.write(b, &v).unwrap();
+        expect[b as usize * 4096..(b as usize + 1) * 4096].copy_from_slice(&v);
+    }
+    e.flush().unwrap();
+    let mut buf = vec![0; 8 * 4096];
+    for round in 0..50u8 {
+        let b = u64::from(round % 8);
+        let v = pattern(4096, 1, round.wrapping_add(100));
+        e.write(b, &v).unwrap();
+        expect[b as usize * 4096..(b as usize + 1) * 4096].copy_from_slice(&v);
+        e.read(0, &mut buf).unwrap();
+        assert!(buf == expect, "round {round}");
+    }
+}
+
 #[test]
 fn without_the_write_cache_a_completed_write_is_on_the_disk() {
     let disk = Disk::new(512, 8);

@@ -127,14 +127,17 @@ impl Writeback {
     }
 
     /// Copy the newest queued content of each block of `block..+count`
-    /// into the matching part of `out`; returns which blocks it copied.
-    /// Under the stage lock, so no record is released (and its space
-    /// reused) while it is copied.
-    pub fn copy_queued(&self, block: u64, count: u64, bs: usize, out: &mut [u8]) -> Vec<bool> {
+    /// into the matching part of `out` (grown to `count` blocks only when
+    /// one of them is queued: most reads find none, and zeroing a buffer
+    /// per read cost large reads a pass over their data); returns which
+    /// blocks it copied. Under the stage lock, so no record is released
+    /// (and its space reused) while it is copied.
+    pub fn copy_queued(&self, block: u64, count: u64, bs: usize, out: &mut Vec<u8>) -> Vec<bool> {
         let wb = self.lock();
-        if wb.overlay.is_empty() {
+        if wb.overlay.is_empty() || !(block..block + count).any(|b| wb.overlay.contains_key(&b)) {
             return Vec::new();
         }
+        out.resize(count as usize * bs, 0);
         (0..count)
             .map(|i| {
                 let Some(e) = wb.overlay.get(&(block + i)) else {
