@@ -214,6 +214,14 @@ pub fn status_of(error: &RequestError) -> u8 {
 }
 
 impl Request {
+    /// Bytes of guest data the request moves to or from the disk.
+    pub fn data_len(&self) -> usize {
+        match &self.kind {
+            Kind::Read { len, .. } | Kind::Write { len, .. } => *len,
+            _ => 0,
+        }
+    }
+
     /// Read, check and parse the descriptor chain at `head` of `table`.
     pub fn parse<M: GuestMemory + ?Sized>(
         mem: &M,
