@@ -36,8 +36,7 @@ use vmm_sys_util::event::{
 
 use super::chain::DescTable;
 use super::config::{self, ConfigSpace};
-use super::execute::Used;
-use super::execute::{BufPool, Disk};
+use super::execute::{BufPool, Disk, Used};
 use super::guestmem;
 use super::request::{ParseError, Request};
 

@@ -260,7 +260,7 @@ impl Disk {
         }
     }
 
-    /// Run every request of one ring drain and write the results, data and
+    /// Run every request of one completion group and write the results, data and
     /// status bytes into guest memory. `write_through` (the driver turned
     /// the write cache off) makes writes durable before they complete.
     pub fn run<M: GuestMemory + ?Sized>(

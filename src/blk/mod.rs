@@ -2,10 +2,11 @@
 //!
 //! - [`chain`]: walk a descriptor chain, checking every link.
 //! - [`request`]: parse and validate one descriptor chain (no I/O).
-//! - [`execute`]: run a drained ring as one engine batch, with owned
-//!   buffers ([`execute::Disk`], the disk as one connection sees it).
+//! - [`execute`]: run a group of requests as one engine batch, with
+//!   owned buffers ([`execute::Disk`], the disk as one connection sees it).
 //! - [`config`]: feature bits and the config space.
-//! - [`backend`]: the vhost-user backend of one front-end connection.
+//! - [`backend`]: the vhost-user backend of one front-end connection;
+//!   it drains a ring and completes it a group (about 256 KiB) at a time.
 //! - [`guestmem`]: memory tables checked against their files, and a
 //!   SIGBUS handler for a file that shrinks later.
 //! - [`served`]: the disk being served across connections (write-back,
