@@ -239,7 +239,7 @@ impl BlkBackend {
             return Ok(());
         }
         let limits = *self.disk.limits();
-        let mut parsed: Vec<_> = heads
+        let parsed: Vec<_> = heads
             .into_iter()
             .map(|head| Request::parse(&*mem, table, head, &limits))
             .collect();
@@ -248,11 +248,13 @@ impl BlkBackend {
         // batch of large ones back (and can queue more) while the rest run.
         // Every popped request runs and completes even after a group
         // stalled: the ring has moved past them.
+        let write_through = self.write_through();
         let mut stall = None;
-        while !parsed.is_empty() {
-            let rest = parsed.split_off(group_end(&parsed));
-            let group = std::mem::replace(&mut parsed, rest);
-            let used = self.disk.run(&*mem, group, self.write_through(), pool);
+        let mut rest = parsed.into_iter();
+        while rest.len() > 0 {
+            let n = group_end(rest.as_slice());
+            let group = rest.by_ref().take(n).collect();
+            let used = self.disk.run(&*mem, group, write_through, pool);
             if let Err(e) = self.complete(vring, &mem, table, used) {
                 stall.get_or_insert(e);
             }
