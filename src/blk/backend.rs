@@ -128,8 +128,9 @@ impl BlkBackend {
         }
     }
 
-    /// The connection is over: stop the workers and wait for the batches
-    /// they are running. No request is touched afterwards.
+    /// The connection is over (or an orderly stop is about to cut it):
+    /// stop the workers and wait for the batches they are running, which
+    /// complete on the ring. No request is touched afterwards.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         for n in self
@@ -169,7 +170,8 @@ impl BlkBackend {
         loop {
             // GET_VRING_BASE marks the ring not ready and then waits for us
             // (stop_vring): stop here rather than fail on a stopped ring.
-            if !vring.get_ref().get_queue().ready() {
+            // An orderly stop waits for this pass and takes nothing more.
+            if self.closed.load(Ordering::Acquire) || !vring.get_ref().get_queue().ready() {
                 return Ok(());
             }
             let mem = self.mem.memory();

@@ -207,8 +207,14 @@ struct Control {
     /// Wakes the connection loop out of its wait for a front-end.
     wake: EventFd,
     /// The live connection, to cut it on SIGTERM.
-    conn: Mutex<Option<ShutdownHandle>>,
+    conn: Mutex<Option<Live>>,
     socket: PathBuf,
+}
+
+/// A connection being served: what an orderly stop needs to end it.
+struct Live {
+    shutdown: ShutdownHandle,
+    backend: Arc<BlkBackend>,
 }
 
 impl Control {
@@ -227,7 +233,15 @@ impl Control {
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
-            Some(h) => h.shutdown(),
+            Some(live) => {
+                // Finish and complete what the workers took before the
+                // front-end sees us go: QEMU resumes a reconnecting guest
+                // at the used index it reads then, so a completion written
+                // later would run that request again over a descriptor the
+                // guest has reused, and its driver gives up on the queue.
+                live.backend.close();
+                live.shutdown.shutdown();
+            }
             // The loop may be blocked in accept() (poll saw a front-end
             // that hung up before we accepted it): a connection of our own
             // gets it out, and it then sees the stop request.
@@ -259,8 +273,13 @@ fn serve_connections(
             .map_err(|e| ServeError::Vhost(e.to_string()))?;
         log::info!("front-end connected");
         served.frontend_came();
-        *control.conn.lock().unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
+        *control.conn.lock().unwrap_or_else(PoisonError::into_inner) =
+            daemon.shutdown_handle().map(|shutdown| Live {
+                shutdown,
+                backend: backend.clone(),
+            });
         if control.stopping() {
+            backend.close();
             daemon.request_shutdown();
         }
         let ended = daemon.wait();

@@ -256,6 +256,7 @@ impl Daemon {
     }
 
     /// SIGTERM and wait for the exit.
+    #[allow(dead_code)] // not tests/orderly_stop.rs
     pub fn terminate(mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
         self.wait_exit()

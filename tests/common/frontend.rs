@@ -394,6 +394,7 @@ impl Vq {
     }
 
     /// Write any avail index, bypassing the driver's bookkeeping.
+    #[allow(dead_code)] // tests/hostile.rs only
     pub fn set_avail_idx(&mut self, m: &GuestMem, idx: u16) {
         fence(Ordering::SeqCst);
         m.write_u16(self.avail + 2, idx);
@@ -482,6 +483,7 @@ impl Default for Options {
 
 /// A connected front-end with its guest memory and rings.
 pub struct Front {
+    #[allow(dead_code)] // not tests/orderly_stop.rs
     pub fe: Frontend,
     /// The same socket, for writing raw messages (the fuzz's).
     #[allow(dead_code)]
@@ -594,6 +596,7 @@ impl Front {
     }
 
     /// The disk size in bytes, from the config space.
+    #[allow(dead_code)] // not tests/orderly_stop.rs
     pub fn capacity(&mut self) -> Result<u64, vhost::Error> {
         let (_, cfg) = self
             .fe
@@ -629,6 +632,7 @@ impl Front {
     }
 
     /// Write `bytes` at byte `offset` of the disk; the status byte.
+    #[allow(dead_code)] // not tests/orderly_stop.rs
     pub fn write(&mut self, q: usize, offset: u64, bytes: &[u8]) -> u8 {
         assert!(bytes.len() as u64 <= DATA_SLOT * 4);
         self.mem.write(data(0), bytes);
