@@ -39,6 +39,7 @@ mod pairs;
 mod read;
 mod recent;
 mod rounds;
+mod wakeup;
 mod writeback;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +53,7 @@ use self::pairs::State;
 use self::recent::Recent;
 pub use self::recent::RECENT_MISMATCHES;
 use self::rounds::{zero_chunks, Source, Update};
+use self::wakeup::Wakeup;
 use self::writeback::Writeback;
 use super::gate::SyncGate;
 use super::hash::Checksum;
@@ -201,6 +203,7 @@ pub struct Engine {
     core: Arc<Core>,
     committer: Option<JoinHandle<()>>,
     checkpointer: Option<JoinHandle<()>>,
+    syncer: Option<JoinHandle<()>>,
     replayed: Replayed,
 }
 
@@ -227,8 +230,10 @@ struct Core {
     /// One checkpoint at a time.
     checkpointing: Mutex<()>,
     /// Wakes the checkpoint thread (a log half full).
-    ckpt: Mutex<rounds::CheckpointRequest>,
-    ckpt_cv: Condvar,
+    ckpt: Wakeup,
+    /// Wakes the sync thread: the commit thread holds writes back until
+    /// their blocks' earlier writes are synced, or many blocks are Pending.
+    syncer: Wakeup,
     /// Bumped on every pair change and every completed data write, so a
     /// read that raced a write or a flush can tell and look again instead
     /// of reporting a false mismatch.
@@ -270,15 +275,20 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let (core, replayed) = Core::open(data, meta, stage, opts)?;
         let core = Arc::new(core);
-        let committer = if core.wb.is_some() {
+        let (committer, syncer) = if core.wb.is_some() {
             let c = core.clone();
-            let handle = std::thread::Builder::new()
+            let commit = std::thread::Builder::new()
                 .name("twinsum-commit".into())
                 .spawn(move || c.run_committer())
                 .map_err(EngineError::io("starting the commit thread"))?;
-            Some(handle)
+            let c = core.clone();
+            let sync = std::thread::Builder::new()
+                .name("twinsum-sync".into())
+                .spawn(move || c.run_syncer())
+                .map_err(EngineError::io("starting the sync thread"))?;
+            (Some(commit), Some(sync))
         } else {
-            None
+            (None, None)
         };
         let checkpointer = if core.lock().meta.has_log() && !core.opts.readonly {
             let c = core.clone();
@@ -294,6 +304,7 @@ impl Engine {
             core,
             committer,
             checkpointer,
+            syncer,
             replayed,
         })
     }
@@ -424,15 +435,14 @@ impl Drop for Engine {
                 error!("the commit thread panicked");
             }
         }
-        self.core
-            .ckpt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stopping = true;
-        self.core.ckpt_cv.notify_all();
-        if let Some(h) = self.checkpointer.take() {
-            if h.join().is_err() {
-                error!("the checkpoint thread panicked");
+        self.core.ckpt.stop();
+        self.core.syncer.stop();
+        for (h, name) in [
+            (self.checkpointer.take(), "checkpoint"),
+            (self.syncer.take(), "sync"),
+        ] {
+            if h.is_some_and(|h| h.join().is_err()) {
+                error!("the {name} thread panicked");
             }
         }
     }

@@ -216,7 +216,8 @@ impl Core {
     /// completed before the sync began.
     pub(super) fn flush_data(&self) -> Result<(), EngineError> {
         let ticket = self.data_gate.ticket();
-        self.data_gate
+        let r = self
+            .data_gate
             .sync_after(ticket, || {
                 let began = self.lock().events;
                 self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
@@ -224,7 +225,26 @@ impl Core {
                 self.forget_old(began);
                 Ok(())
             })
-            .map_err(EngineError::io("syncing the data device"))
+            .map_err(EngineError::io("syncing the data device"));
+        if let Some(wb) = &self.wb {
+            // Writes the commit thread held back may go now (or, after a
+            // failed sync, fail through the ordinary path).
+            wb.synced(r.is_ok());
+        }
+        r
+    }
+
+    /// The sync thread: one data sync per request, until stopped, so the
+    /// commit thread keeps writing Clean blocks while the sync runs.
+    pub(super) fn run_syncer(&self) {
+        while self.syncer.wait() {
+            if let Err(e) = self.flush_data() {
+                warn!(
+                    "background data sync failed: {}; the writes waiting for it fail at their own sync",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
     }
 
     fn forget_old(&self, began: u64) {

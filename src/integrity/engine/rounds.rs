@@ -27,13 +27,6 @@ enum Commit {
     Checkpoint,
 }
 
-/// Requests to the checkpoint thread.
-#[derive(Debug, Default)]
-pub(super) struct CheckpointRequest {
-    pub requested: bool,
-    pub stopping: bool,
-}
-
 /// Log records are written in sequence order, one after another.
 #[derive(Debug, Default)]
 pub(super) struct LogOrder {
@@ -311,26 +304,12 @@ impl Core {
 
     /// Ask the checkpoint thread for a checkpoint soon.
     fn request_checkpoint(&self) {
-        let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
-        if !c.requested {
-            c.requested = true;
-            self.ckpt_cv.notify_one();
-        }
+        self.ckpt.ask();
     }
 
     /// The checkpoint thread: one checkpoint per request, until stopped.
     pub(super) fn run_checkpointer(&self) {
-        loop {
-            {
-                let mut c = self.ckpt.lock().unwrap_or_else(PoisonError::into_inner);
-                while !c.requested && !c.stopping {
-                    c = self.ckpt_cv.wait(c).unwrap_or_else(PoisonError::into_inner);
-                }
-                if c.stopping {
-                    return;
-                }
-                c.requested = false;
-            }
+        while self.ckpt.wait() {
             if let Err(e) = self.checkpoint() {
                 log::error!(
                     "metadata checkpoint failed: {}; rounds commit by checkpoint until one succeeds",

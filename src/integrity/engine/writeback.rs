@@ -14,7 +14,7 @@
 //! thread takes only the filled prefix of the queue, so it applies writes
 //! in exactly the order replay would.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -60,6 +60,10 @@ struct Wb {
     /// A staged write that failed after its completion was reported; the
     /// next FLUSH returns it.
     deferred: Option<EngineError>,
+    /// Data syncs finished (any caller's), and whether the last failed:
+    /// the commit thread retries the writes it holds back after each.
+    synced: u64,
+    sync_failed: bool,
     stopping: bool,
 }
 
@@ -85,6 +89,8 @@ impl Writeback {
                 reserved: 0,
                 committed: 0,
                 deferred: None,
+                synced: 0,
+                sync_failed: false,
                 stopping: false,
             }),
             work: Condvar::new(),
@@ -117,6 +123,15 @@ impl Writeback {
         f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         self.filler.with_data(offset, len, f)
+    }
+
+    /// A data sync finished.
+    pub fn synced(&self, ok: bool) {
+        let mut st = self.lock();
+        st.synced += 1;
+        st.sync_failed = !ok;
+        drop(st);
+        self.work.notify_one();
     }
 
     /// Stop the commit thread after its current round; wake every waiter.
@@ -229,34 +244,82 @@ impl Core {
     /// The commit thread: take the filled prefix of the queue, commit it as
     /// one batch (one metadata sync for all of it), write the data, release
     /// it from the stage, repeat.
+    ///
+    /// A write to a block written since the last data sync would need a
+    /// sync before its round (DESIGN §2); rather than wait for one, the
+    /// thread holds such writes back in the stage, asks the sync thread for
+    /// a sync, and writes the rest. Held writes go in a later batch, after
+    /// a sync, before anything newer to their blocks. The stage is released
+    /// only up to the oldest held write, so a process death replays them
+    /// (and, harmlessly, the newer writes after them) in order.
     pub(super) fn run_committer(&self) {
         let Some(wb) = &self.wb else {
             return;
         };
+        // Taken from the queue and not yet released from the stage, in order.
+        let mut taken: VecDeque<Arc<Entry>> = VecDeque::new();
+        // Of those, the ones held back, in order.
+        let mut held: Vec<Arc<Entry>> = Vec::new();
+        // Sequence numbers of held writes that newer ones overwrite: they
+        // are never written (a newer write may have gone already), only
+        // kept until what overwrites them is written.
+        let mut superseded: HashSet<u64> = HashSet::new();
+        let mut seen_sync = 0;
         loop {
-            let batch: Vec<Arc<Entry>> = {
+            let (fresh, failed_sync) = {
                 let mut st = wb.lock();
                 loop {
                     if st.stopping {
                         return;
                     }
-                    if st.queue.front().is_some_and(|e| e.state() != RESERVED) {
+                    let fresh = st.queue.front().is_some_and(|e| e.state() != RESERVED);
+                    if fresh || (!held.is_empty() && st.synced != seen_sync) {
                         break;
                     }
                     st = wb.work.wait(st).unwrap_or_else(PoisonError::into_inner);
                 }
+                let retry = st.synced != seen_sync;
+                seen_sync = st.synced;
                 let n = st
                     .queue
                     .iter()
                     .position(|e| e.state() == RESERVED)
                     .unwrap_or(st.queue.len());
-                st.queue.drain(..n).collect()
+                let fresh: Vec<Arc<Entry>> = st.queue.drain(..n).collect();
+                (fresh, retry && st.sync_failed)
             };
-            let live = not_superseded(&batch);
+            taken.extend(fresh.iter().cloned());
+            let mut batch = std::mem::take(&mut held);
+            batch.extend(fresh);
+            let dead: Vec<bool> = batch
+                .iter()
+                .map(|e| superseded.contains(&e.slot.seq))
+                .collect();
+            let newest = newest_writes(&batch, &dead);
+            let live: Vec<bool> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.block..e.block + e.count).any(|b| newest.get(&b) == Some(&i)))
+                .collect();
+            let mut go = if failed_sync {
+                // The sync they waited for failed: the ordinary path syncs
+                // again and fails them if it cannot.
+                vec![true; batch.len()]
+            } else {
+                self.writable_now(&batch, &live)
+            };
+            // A write that newer ones overwrite is done only when they are:
+            // released earlier, a FLUSH could return with neither written.
+            for (i, e) in batch.iter().enumerate() {
+                if !live[i] && e.state() == FILLED {
+                    go[i] =
+                        (e.block..e.block + e.count).all(|b| newest.get(&b).is_none_or(|&j| go[j]));
+                }
+            }
             let updates = batch
                 .iter()
                 .enumerate()
-                .filter(|&(i, e)| live[i] && e.state() == FILLED)
+                .filter(|&(i, e)| go[i] && live[i] && e.state() == FILLED)
                 .map(|(i, e)| Update {
                     op: i,
                     block: e.block,
@@ -272,7 +335,14 @@ impl Core {
             self.write_rounds(updates, &mut results);
 
             let mut st = wb.lock();
-            for (e, r) in batch.iter().zip(&results) {
+            for (i, (e, r)) in batch.iter().zip(&results).enumerate() {
+                if !go[i] {
+                    if !live[i] {
+                        superseded.insert(e.slot.seq);
+                    }
+                    held.push(e.clone());
+                    continue;
+                }
                 for b in e.block..e.block + e.count {
                     if st.overlay.get(&b).is_some_and(|o| Arc::ptr_eq(o, e)) {
                         st.overlay.remove(&b);
@@ -288,9 +358,16 @@ impl Core {
                     st.deferred = Some(err.clone());
                 }
             }
-            if let Some(last) = batch.last() {
-                // Every record up to `last` is in the image now (or failed
-                // and was reported): the stage may forget them.
+            // Every record before the oldest held one is in the image now
+            // (or failed and was reported): the stage may forget them.
+            let oldest_held = held.first().map_or(u64::MAX, |e| e.slot.seq);
+            let mut last = None;
+            while taken.front().is_some_and(|e| e.slot.seq < oldest_held) {
+                last = taken.pop_front();
+                st.outstanding -= 1;
+            }
+            superseded.retain(|&seq| seq >= oldest_held);
+            if let Some(last) = last {
                 if let Err(e) = st.stage.release(last.slot.end, last.slot.seq + 1) {
                     error!(
                         "cannot release written records from the stage: {}",
@@ -300,10 +377,37 @@ impl Core {
                 }
                 st.committed = last.slot.seq;
             }
-            st.outstanding -= batch.len() as u64;
             drop(st);
             wb.done.notify_all();
+            if !held.is_empty() {
+                self.syncer.ask();
+            }
         }
+    }
+
+    /// Which writes of `batch` may be written now without a data sync
+    /// first: none of their blocks is Pending, nor written by an earlier
+    /// write of the batch that is held back or goes now (its round would
+    /// need the sync). The rest are held back.
+    fn writable_now(&self, batch: &[Arc<Entry>], live: &[bool]) -> Vec<bool> {
+        let st = self.lock();
+        let mut touched: HashSet<u64> = HashSet::new();
+        batch
+            .iter()
+            .zip(live)
+            .map(|(e, &live)| {
+                if !live || e.state() != FILLED {
+                    // Nothing to write: done either way.
+                    return true;
+                }
+                let blocks = e.block..e.block + e.count;
+                let wait = blocks
+                    .clone()
+                    .any(|b| touched.contains(&b) || st.pending.contains_key(&b));
+                touched.extend(blocks);
+                !wait
+            })
+            .collect()
     }
 
     /// FLUSH: everything completed so far reaches the data device and is
@@ -373,23 +477,20 @@ impl Core {
     }
 }
 
-/// Which staged writes still need writing: one whose every block a later
-/// write of the same batch overwrites never has to reach the disk (neither
-/// was flushed yet: a FLUSH drains the stage before it syncs), and
-/// skipping it spares the data sync a rewrite round would cost.
-fn not_superseded(batch: &[Arc<Entry>]) -> Vec<bool> {
+/// Per block, the newest filled write of `batch` to it. An older write
+/// whose every block a newer one of the same batch overwrites never has to
+/// reach the disk (neither was flushed yet: a FLUSH drains the stage before
+/// it syncs), and skipping it spares the data sync a rewrite round would
+/// cost.
+fn newest_writes(batch: &[Arc<Entry>], dead: &[bool]) -> HashMap<u64, usize> {
     let mut last: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
     for (i, e) in batch.iter().enumerate() {
-        if e.state() != FILLED {
+        if e.state() != FILLED || dead[i] {
             continue;
         }
         for b in e.block..e.block + e.count {
             last.insert(b, i);
         }
     }
-    batch
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.block..e.block + e.count).any(|b| last.get(&b) == Some(&i)))
-        .collect()
+    last
 }
