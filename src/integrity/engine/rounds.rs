@@ -108,6 +108,7 @@ impl Core {
                 _ => direct.push(u),
             }
         }
+        wb.kick();
         if !direct.is_empty() {
             self.drain();
             self.write_rounds(direct, results);

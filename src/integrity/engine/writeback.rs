@@ -56,6 +56,10 @@ struct Wb {
     /// Sequence number of the last write reserved, and of the last one
     /// committed (its data written, its record released).
     reserved: u64,
+    /// The commit thread takes records up to this sequence number: a
+    /// batch is published whole (`Writeback::kick`), so one round commits
+    /// all of it rather than the prefix filled when the thread woke.
+    published: u64,
     committed: u64,
     /// A staged write that failed after its completion was reported; the
     /// next FLUSH returns it.
@@ -87,6 +91,7 @@ impl Writeback {
                 overlay: HashMap::new(),
                 outstanding: 0,
                 reserved: 0,
+                published: 0,
                 committed: 0,
                 deferred: None,
                 synced: 0,
@@ -130,6 +135,15 @@ impl Writeback {
         let mut st = self.lock();
         st.synced += 1;
         st.sync_failed = !ok;
+        drop(st);
+        self.work.notify_one();
+    }
+
+    /// Hand the records reserved so far to the commit thread: once per
+    /// batch, after its records are filled.
+    pub fn kick(&self) {
+        let mut st = self.lock();
+        st.published = st.reserved;
         drop(st);
         self.work.notify_one();
     }
@@ -191,7 +205,10 @@ impl Core {
                 if let Some(slot) = st.stage.reserve(block, data.len())? {
                     break slot;
                 }
-                // The stage is full: wait for the commit thread.
+                // The stage is full: wait for the commit thread, which
+                // may not have been told of this batch's records yet.
+                st.published = st.reserved;
+                wb.work.notify_one();
                 st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
             };
             let e = Arc::new(Entry {
@@ -225,7 +242,10 @@ impl Core {
             Err(_) => entry.state.store(FAILED, Ordering::Release),
         }
         drop(st);
-        wb.work.notify_one();
+        // The commit thread takes it once the batch is published
+        // (`Writeback::kick`), not now: taking the first records of a batch
+        // alone, it would commit a short prefix, and a FLUSH at the end of
+        // the batch would wait for two metadata syncs instead of one.
         filled.map_err(EngineError::io("recording a write in the write-back stage"))
     }
 
@@ -236,6 +256,10 @@ impl Core {
         };
         let mut st = wb.lock();
         let target = st.reserved;
+        if st.committed < target {
+            st.published = st.reserved;
+            wb.work.notify_one();
+        }
         while st.committed < target && !st.stopping {
             st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
@@ -272,7 +296,11 @@ impl Core {
                     if st.stopping {
                         return;
                     }
-                    let fresh = st.queue.front().is_some_and(|e| e.state() != RESERVED);
+                    let published = st.published;
+                    let fresh = st
+                        .queue
+                        .front()
+                        .is_some_and(|e| e.state() != RESERVED && e.slot.seq <= published);
                     if fresh || (!held.is_empty() && st.synced != seen_sync) {
                         break;
                     }
@@ -280,10 +308,11 @@ impl Core {
                 }
                 let retry = st.synced != seen_sync;
                 seen_sync = st.synced;
+                let published = st.published;
                 let n = st
                     .queue
                     .iter()
-                    .position(|e| e.state() == RESERVED)
+                    .position(|e| e.state() == RESERVED || e.slot.seq > published)
                     .unwrap_or(st.queue.len());
                 let fresh: Vec<Arc<Entry>> = st.queue.drain(..n).collect();
                 (fresh, retry && st.sync_failed)
