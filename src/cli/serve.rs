@@ -75,7 +75,7 @@ pub struct ServeArgs {
     stage: Option<PathBuf>,
     /// MiB of completed writes the stage holds before writers wait for the
     /// image to catch up.
-    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    #[arg(long, value_name = "MIB", default_value_t = twinsum::integrity::DEFAULT_STAGE_BYTES >> 20)]
     stage_size: u64,
     /// The key file of a disk formatted with --key-file (required for
     /// such a disk, refused for any other).

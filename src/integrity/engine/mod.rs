@@ -98,7 +98,7 @@ pub struct EngineOptions {
 }
 
 /// Default bound of the write-back stage.
-pub const DEFAULT_STAGE_BYTES: u64 = 64 << 20;
+pub const DEFAULT_STAGE_BYTES: u64 = 128 << 20;
 
 impl Default for EngineOptions {
     fn default() -> Self {
