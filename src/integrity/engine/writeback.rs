@@ -12,7 +12,8 @@
 //! Several queues fill records at once: a record's place is reserved in
 //! order under the stage lock, its data copied outside it. The commit
 //! thread takes only the filled prefix of the queue, so it applies writes
-//! in exactly the order replay would.
+//! in exactly the order replay would, and only what a writer published
+//! (`Writeback::kick`, once per batch), so a batch commits in one round.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
