@@ -136,15 +136,14 @@ fn session(d: &Disk, seed: u64, threads: usize, ops: usize, clean_stop: bool) {
             });
         }
     });
-    if !clean_stop {
+    if clean_stop {
+        engine.make_clean().unwrap();
+        log.stop();
+    } else {
         // A killed serve's stage outlives it and the next one replays it;
         // this engine's stage is in process memory, so write it out as
         // that replay would (a later flush covers these writes).
         engine.drain();
-    }
-    if clean_stop {
-        engine.make_clean().unwrap();
-        log.stop();
     }
 }
 

@@ -143,9 +143,13 @@ impl Writeback {
     /// Hand the records reserved so far to the commit thread: once per
     /// batch, after its records are filled.
     pub fn kick(&self) {
-        let mut st = self.lock();
+        self.publish(&mut self.lock());
+    }
+
+    /// Let the commit thread take every record reserved so far (it stops
+    /// at the first one not yet filled) and wake it.
+    fn publish(&self, st: &mut Wb) {
         st.published = st.reserved;
-        drop(st);
         self.work.notify_one();
     }
 
@@ -208,8 +212,7 @@ impl Core {
                 }
                 // The stage is full: wait for the commit thread, which
                 // may not have been told of this batch's records yet.
-                st.published = st.reserved;
-                wb.work.notify_one();
+                wb.publish(&mut st);
                 st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
             };
             let e = Arc::new(Entry {
@@ -258,8 +261,7 @@ impl Core {
         let mut st = wb.lock();
         let target = st.reserved;
         if st.committed < target {
-            st.published = st.reserved;
-            wb.work.notify_one();
+            wb.publish(&mut st);
         }
         while st.committed < target && !st.stopping {
             st = wb.done.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -321,31 +323,7 @@ impl Core {
             taken.extend(fresh.iter().cloned());
             let mut batch = std::mem::take(&mut held);
             batch.extend(fresh);
-            let dead: Vec<bool> = batch
-                .iter()
-                .map(|e| superseded.contains(&e.slot.seq))
-                .collect();
-            let newest = newest_writes(&batch, &dead);
-            let live: Vec<bool> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.block..e.block + e.count).any(|b| newest.get(&b) == Some(&i)))
-                .collect();
-            let mut go = if failed_sync {
-                // The sync they waited for failed: the ordinary path syncs
-                // again and fails them if it cannot.
-                vec![true; batch.len()]
-            } else {
-                self.writable_now(&batch, &live)
-            };
-            // A write that newer ones overwrite is done only when they are:
-            // released earlier, a FLUSH could return with neither written.
-            for (i, e) in batch.iter().enumerate() {
-                if !live[i] && e.state() == FILLED {
-                    go[i] =
-                        (e.block..e.block + e.count).all(|b| newest.get(&b).is_none_or(|&j| go[j]));
-                }
-            }
+            let Plan { live, go } = self.plan(&batch, &superseded, failed_sync);
             let updates = batch
                 .iter()
                 .enumerate()
@@ -413,6 +391,36 @@ impl Core {
                 self.syncer.ask();
             }
         }
+    }
+
+    /// What becomes of each write of a batch: whether it still needs
+    /// writing (`live`), and whether it is done this round (`go`) or held.
+    fn plan(&self, batch: &[Arc<Entry>], superseded: &HashSet<u64>, failed_sync: bool) -> Plan {
+        let dead: Vec<bool> = batch
+            .iter()
+            .map(|e| superseded.contains(&e.slot.seq))
+            .collect();
+        let newest = newest_writes(batch, &dead);
+        let live: Vec<bool> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.block..e.block + e.count).any(|b| newest.get(&b) == Some(&i)))
+            .collect();
+        let mut go = if failed_sync {
+            // The sync they waited for failed: the ordinary path syncs
+            // again and fails them if it cannot.
+            vec![true; batch.len()]
+        } else {
+            self.writable_now(batch, &live)
+        };
+        // A write that newer ones overwrite is done only when they are:
+        // released earlier, a FLUSH could return with neither written.
+        for (i, e) in batch.iter().enumerate() {
+            if !live[i] && e.state() == FILLED {
+                go[i] = (e.block..e.block + e.count).all(|b| newest.get(&b).is_none_or(|&j| go[j]));
+            }
+        }
+        Plan { live, go }
     }
 
     /// Which writes of `batch` may be written now without a data sync
@@ -505,6 +513,13 @@ impl Core {
         wb.lock().stage.release_all()?;
         Ok(())
     }
+}
+
+/// Per write of a commit batch: `live` unless newer writes of the batch
+/// overwrite all of it; `go` if it is done this round rather than held.
+struct Plan {
+    live: Vec<bool>,
+    go: Vec<bool>,
 }
 
 /// Per block, the newest filled write of `batch` to it. An older write
