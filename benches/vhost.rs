@@ -832,6 +832,28 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
     let mut goals = true;
     for (size, w, a, b) in &rows {
         let (Some(a), Some(b)) = (a, b) else {
+            // One server measured alone (TWINSUM_BENCH_ONLY): its figure,
+            // no ratio.
+            let cell = |r: &Option<Run>| match r {
+                Some(r) => format!(
+                    "{:>9.0} {:>7.1}{}",
+                    r.stats.iops(),
+                    r.cpu_per_io_us(),
+                    r.final_flush
+                        .map(|f| format!(" (then a {:.2} s FLUSH)", f.as_secs_f64()))
+                        .unwrap_or_default()
+                ),
+                None => format!("{:>9} {:>7}", "-", "-"),
+            };
+            if a.is_some() || b.is_some() {
+                println!(
+                    "{:>7}G {:<22} {}   {}",
+                    size >> 30,
+                    w.name,
+                    cell(a),
+                    cell(b)
+                );
+            }
             continue;
         };
         let ratio = a.stats.iops() / b.stats.iops();
