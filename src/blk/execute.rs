@@ -59,6 +59,21 @@ impl BufPool {
         }
     }
 
+    /// Half the free buffers, for a helper running part of a pass.
+    pub fn split(&mut self) -> BufPool {
+        let free = self.free.split_off(self.free.len() / 2);
+        let bytes = free.iter().map(Vec::len).sum();
+        self.bytes -= bytes;
+        BufPool { free, bytes }
+    }
+
+    /// Take back what [`BufPool::split`] lent, within this pool's bound.
+    pub fn merge(&mut self, other: BufPool) {
+        for buf in other.free {
+            self.put(buf);
+        }
+    }
+
     fn put(&mut self, buf: Vec<u8>) {
         if buf.len() <= POOL_MAX_BUF && self.bytes + buf.len() <= POOL_BYTES {
             self.bytes += buf.len();

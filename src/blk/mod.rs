@@ -7,6 +7,8 @@
 //! - [`config`]: feature bits and the config space.
 //! - [`backend`]: the vhost-user backend of one front-end connection;
 //!   it drains a ring and completes it a group (about 256 KiB) at a time.
+//! - `fanout`: a helper thread that runs half of a pass of large reads
+//!   while a core is idle, so one queue can use two cores.
 //! - [`guestmem`]: memory tables checked against their files, and a
 //!   SIGBUS handler for a file that shrinks later.
 //! - [`served`]: the disk being served across connections (write-back,
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod execute;
+mod fanout;
 pub mod guestmem;
 mod medium;
 pub(crate) mod ratelimit;
