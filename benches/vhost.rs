@@ -32,8 +32,11 @@
 //!   names to run, e.g. `randwrite` when profiling one of them.
 //! - `TWINSUM_BENCH_SCALE` (`1G,64G,1T`): disk sizes of the scale curve
 //!   (fresh sparse disks, 4k random I/O over the whole disk, one queue;
-//!   `none` skips it). The largest gets a flush workload too, and
-//!   twinsum's peak RSS is reported. After each random write run a FLUSH
+//!   `none` skips it). The largest gets a flush workload too, run first
+//!   while both disks are fresh, and twinsum's peak RSS is reported. Each
+//!   server's disks sit on a fresh ext4 of its own when the bench can
+//!   make one (root, `mkfs.ext4`, `losetup`: `support::scratch`); the
+//!   output says when they share one file system instead. After each random write run a FLUSH
 //!   is timed, and a "durable rate" table divides the run's writes by the
 //!   run plus that flush: a server that left its writes in the host page
 //!   cache pays for them there (on a sparse 1 TiB file, mostly in the file
@@ -61,6 +64,7 @@ use anyhow::{bail, Context, Result};
 
 use support::image;
 use support::load::{Bitmap, Client, Goal, Kind, Stats, Workload};
+use support::scratch::ScratchFs;
 use support::server::{self, Server};
 
 const SEED: u64 = 0x7477_696e_7375_6d31;
@@ -674,16 +678,15 @@ fn parse_scale(v: &str) -> Result<Vec<u64>> {
 }
 
 /// The scale curve: random 4 KiB I/O over the whole of a fresh sparse disk.
+///
+/// The flush workload runs first, while both disks are fresh. After the
+/// plain random writes it measured each server's history instead: a sparse
+/// file's blocks are allocated when they are synced, and ext4 reserves room
+/// around each (per-file preallocation), so qsd, whose plain run left
+/// ~500k writes for its final FLUSH to allocate, then found most of its
+/// file preallocated and flushed 8x faster (6.0k IOPS on a fresh 1 TiB
+/// disk, 47.5k after its plain run).
 const SCALE_WORKLOADS: [Workload; 3] = [
-    wl(
-        "4k randwrite QD32",
-        Kind::RandWrite,
-        4096,
-        32,
-        1,
-        0,
-        Goal::Ratio(0.8),
-    ),
     wl(
         "4k randwrite+flush/32",
         Kind::RandWrite,
@@ -691,6 +694,15 @@ const SCALE_WORKLOADS: [Workload; 3] = [
         32,
         1,
         32,
+        Goal::Ratio(0.8),
+    ),
+    wl(
+        "4k randwrite QD32",
+        Kind::RandWrite,
+        4096,
+        32,
+        1,
+        0,
         Goal::Ratio(0.8),
     ),
     wl(
@@ -718,9 +730,28 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
             keep: cfg.keep,
         };
         fs::create_dir_all(&dir.path)?;
-        let mut tw = Side::new("twinsum", dir.path.join("twinsum.img"));
-        let mut qsd = Side::new("qsd", dir.path.join("qsd.img"));
-        let meta = dir.path.join("twinsum.meta");
+        // Declared after `dir`, so unmounted before it is removed.
+        let own = match (
+            ScratchFs::make(&dir.path, "twinsum"),
+            ScratchFs::make(&dir.path, "qsd"),
+        ) {
+            (Ok(a), Ok(b)) => Some((a, b)),
+            (Err(e), _) | (_, Err(e)) => {
+                if size == largest {
+                    println!(
+                        "scale: both servers' disks on one file system (no file system of their own: {e:#})"
+                    );
+                }
+                None
+            }
+        };
+        let (tw_dir, qsd_dir) = match &own {
+            Some((a, b)) => (a.mnt.clone(), b.mnt.clone()),
+            None => (dir.path.clone(), dir.path.clone()),
+        };
+        let mut tw = Side::new("twinsum", tw_dir.join("twinsum.img"));
+        let mut qsd = Side::new("qsd", qsd_dir.join("qsd.img"));
+        let meta = tw_dir.join("twinsum.meta");
         for side in [&mut tw, &mut qsd] {
             side.sparse = true;
             if !cfg.wants(side.name) {

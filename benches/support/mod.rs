@@ -2,4 +2,5 @@
 
 pub mod image;
 pub mod load;
+pub mod scratch;
 pub mod server;
