@@ -36,7 +36,13 @@
 //!   while both disks are fresh, and twinsum's peak RSS is reported. Each
 //!   server's disks sit on a fresh ext4 of its own when the bench can
 //!   make one (root, `mkfs.ext4`, `losetup`: `support::scratch`); the
-//!   output says when they share one file system instead. After each random write run a FLUSH
+//!   output says when they share one file system instead.
+//! - `TWINSUM_BENCH_OWN_FS=0`: put both servers' scale disks in the run
+//!   directory's file system. The loop device makes a sync cost more (on
+//!   the 64 GiB random write row twinsum, which syncs during the run, ran
+//!   23.9k IOPS on its own file system and 42.2k here; qsd 55.2k and
+//!   62.5k), while a shared file system makes a row depend on which
+//!   server wrote first. After each random write run a FLUSH
 //!   is timed, and a "durable rate" table divides the run's writes by the
 //!   run plus that flush: a server that left its writes in the host page
 //!   cache pays for them there (on a sparse 1 TiB file, mostly in the file
@@ -204,6 +210,8 @@ struct Config {
     target: PathBuf,
     /// Disk sizes of the scale curve.
     scale: Vec<u64>,
+    /// Give each server's scale disks a file system of its own.
+    own_fs: bool,
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -245,6 +253,7 @@ impl Config {
                 .collect(),
             strict: env::var("TWINSUM_BENCH_STRICT").is_ok_and(|v| v == "1"),
             keep: env::var("TWINSUM_BENCH_KEEP").is_ok_and(|v| v == "1"),
+            own_fs: env::var("TWINSUM_BENCH_OWN_FS").map_or(true, |v| v != "0"),
             twinsum: env::var_os("TWINSUM_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| target.join("release/twinsum")),
@@ -731,12 +740,16 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
         };
         fs::create_dir_all(&dir.path)?;
         // Declared after `dir`, so unmounted before it is removed.
-        let own = match (
-            ScratchFs::make(&dir.path, "twinsum"),
-            ScratchFs::make(&dir.path, "qsd"),
-        ) {
-            (Ok(a), Ok(b)) => Some((a, b)),
-            (Err(e), _) | (_, Err(e)) => {
+        let made = cfg.own_fs.then(|| {
+            (
+                ScratchFs::make(&dir.path, "twinsum"),
+                ScratchFs::make(&dir.path, "qsd"),
+            )
+        });
+        let own = match made {
+            None => None,
+            Some((Ok(a), Ok(b))) => Some((a, b)),
+            Some((Err(e), _) | (_, Err(e))) => {
                 if size == largest {
                     println!(
                         "scale: both servers' disks on one file system (no file system of their own: {e:#})"
