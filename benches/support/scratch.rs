@@ -5,7 +5,7 @@
 //! preallocations) changes what the next one measures: on a shared file
 //! system the 1 TiB flush row gave the side that ran second a third of the
 //! rate it had alone. Each side gets an identical, new ext4 on a loop
-//! device over a sparse file instead. It needs root and `mkfs.ext4`,
+//! device over a fully allocated file instead. It needs root and `mkfs.ext4`,
 //! `losetup` and `mount`; without them the caller falls back to one
 //! shared directory and says so.
 

@@ -262,43 +262,31 @@ impl BlkBackend {
             None => Vec::new(),
         };
         let guest: &GuestMemoryMmap = &mem;
-        let run_here = |parsed: Vec<_>, pool: &mut BufPool, stall: &mut Option<Stall>| {
-            let mut rest = parsed.into_iter();
-            while rest.len() > 0 {
-                let n = group_end(rest.as_slice());
-                let group = rest.by_ref().take(n).collect();
-                let used = self.disk.run(guest, group, write_through, pool);
-                if let Err(e) = self.complete(vring, guest, table, used) {
-                    stall.get_or_insert(e);
-                }
-            }
-        };
-        if second.is_empty() {
-            run_here(first, pool, &mut stall);
-            return stall.map_or(Ok(()), Err);
-        }
-        // A pass of large reads: a helper runs its second half meanwhile
-        // (`fanout`); its groups complete after the first half's.
-        let mut spare = pool.split();
-        let disk = &self.disk;
-        let (_, groups) = fanout::join(
-            || run_here(first, pool, &mut stall),
-            || {
-                let mut groups = Vec::new();
-                let mut rest = second.into_iter();
-                while rest.len() > 0 {
-                    let n = group_end(rest.as_slice());
-                    let group = rest.by_ref().take(n).collect();
-                    groups.push(disk.run(guest, group, write_through, &mut spare));
-                }
-                groups
-            },
-        );
-        pool.merge(spare);
-        for used in groups {
+        let mut complete = |used| {
             if let Err(e) = self.complete(vring, guest, table, used) {
                 stall.get_or_insert(e);
             }
+        };
+        if second.is_empty() {
+            run_groups(&self.disk, guest, first, write_through, pool, &mut complete);
+        } else {
+            // A pass of large reads: a helper runs its second half
+            // meanwhile (`fanout`); its groups complete after the first
+            // half's.
+            let mut spare = pool.split();
+            let disk = &self.disk;
+            let (_, groups) = fanout::join(
+                || run_groups(disk, guest, first, write_through, pool, &mut complete),
+                || {
+                    let mut groups = Vec::new();
+                    run_groups(disk, guest, second, write_through, &mut spare, &mut |u| {
+                        groups.push(u)
+                    });
+                    groups
+                },
+            );
+            pool.merge(spare);
+            groups.into_iter().for_each(complete);
         }
         stall.map_or(Ok(()), Err)
     }
@@ -348,6 +336,24 @@ impl BlkBackend {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+}
+
+/// Run `parsed` a completion group at a time, handing each group's
+/// completions to `each` in order.
+fn run_groups(
+    disk: &Disk,
+    mem: &GuestMemoryMmap,
+    parsed: Vec<Result<Request, ParseError>>,
+    write_through: bool,
+    pool: &mut BufPool,
+    each: &mut dyn FnMut(Vec<Used>),
+) {
+    let mut rest = parsed.into_iter();
+    while rest.len() > 0 {
+        let n = group_end(rest.as_slice());
+        let group = rest.by_ref().take(n).collect();
+        each(disk.run(mem, group, write_through, pool));
     }
 }
 

@@ -1,10 +1,10 @@
-//! Large reads of one batch split over two threads.
+//! Large reads of one ring pass split over two threads.
 //!
 //! A queue's worker verifies every block it reads and copies it to the
 //! guest: for large sequential reads that is about one core of memory
 //! traffic, so one queue alone could use only one of the host's cores.
-//! Requests of a batch have no order among them (virtio), so the worker
-//! hands part of a batch of large reads to a helper and does the rest
+//! Requests of a pass have no order among them (virtio), so the worker
+//! hands part of a pass of large reads to a helper and does the rest
 //! itself — but only while a core is idle: with every core busy serving
 //! queues already, a hand-off only adds switches.
 
@@ -14,10 +14,11 @@ use std::sync::OnceLock;
 use log::warn;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-/// Threads running a batch now (queue workers and helpers).
+/// Threads busy now: queue workers draining their ring (polling
+/// included) and helpers running their half.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// A thread running a batch: counted in [`ACTIVE`] while it lives.
+/// A busy thread: counted in [`ACTIVE`] while it lives.
 pub struct Busy(());
 
 impl Busy {
