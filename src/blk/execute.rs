@@ -1,9 +1,10 @@
 //! Running parsed requests against the engine as one batch.
 //!
-//! Data never goes from guest memory to the engine directly (DESIGN §2):
-//! OUT data is copied into a buffer we own before it is hashed and written,
-//! and IN data is read into a buffer we own, verified, and only then copied
-//! to the guest.
+//! OUT data never goes from guest memory to the engine directly (DESIGN
+//! §2): it is copied into a buffer we own before it is hashed and written.
+//! IN data is read into the guest's buffer and verified there when
+//! [`inplace`](super::inplace) allows, with a fallback that reads into a
+//! buffer we own, verifies it, and only then copies it to the guest.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use vm_memory::{GuestAddress, GuestMemory};
 
+use super::guestmem;
+use super::inplace::{self, Piece};
 use super::ratelimit::RateLimit;
 use super::request::{
     gather, scatter, status_of, write_status, Kind, Limits, ParseError, Request, RequestError,
@@ -120,6 +123,13 @@ enum Work {
         buf: Vec<u8>,
         data: Segments,
     },
+    /// A read verified in the guest's buffers, `pieces` of `data`.
+    ReadInPlace {
+        block: u64,
+        len: usize,
+        data: Segments,
+        pieces: Vec<Piece>,
+    },
     Write {
         block: u64,
         len: usize,
@@ -136,7 +146,9 @@ enum Work {
 impl Work {
     fn bytes(&self) -> usize {
         match self {
-            Work::Read { len, .. } | Work::Write { len, .. } => *len,
+            Work::Read { len, .. } | Work::ReadInPlace { len, .. } | Work::Write { len, .. } => {
+                *len
+            }
             _ => 0,
         }
     }
@@ -295,13 +307,13 @@ impl Disk {
             bytes += job.work.bytes();
             jobs.push(job);
             if bytes >= BATCH_BYTES {
-                self.submit(&mut jobs, write_through);
+                self.submit(mem, &mut jobs, write_through, pool);
                 used.extend(jobs.drain(..).map(|j| self.finish(mem, j, pool)));
                 bytes = 0;
             }
         }
         if !jobs.is_empty() {
-            self.submit(&mut jobs, write_through);
+            self.submit(mem, &mut jobs, write_through, pool);
             used.extend(jobs.into_iter().map(|j| self.finish(mem, j, pool)));
         }
         used
@@ -344,12 +356,22 @@ impl Disk {
         }
         job.work = match req.kind {
             Kind::Read { len: 0, .. } | Kind::Write { len: 0, .. } => Work::Nothing,
-            Kind::Read { block, len, data } => Work::Read {
-                block,
-                len,
-                buf: pool.get(len),
-                data,
-            },
+            Kind::Read { block, len, data } => {
+                match inplace::pieces(mem, &data, len, self.limits.block_size as usize) {
+                    Some(pieces) => Work::ReadInPlace {
+                        block,
+                        len,
+                        data,
+                        pieces,
+                    },
+                    None => Work::Read {
+                        block,
+                        len,
+                        buf: pool.get(len),
+                        data,
+                    },
+                }
+            }
             Kind::Write { block, len, data } => {
                 let mut buf = pool.get(len);
                 if let Err(e) = gather(mem, &data, &mut buf[..len]) {
@@ -367,13 +389,75 @@ impl Disk {
         job
     }
 
-    /// One engine submission for every job that has I/O to do.
-    fn submit(&self, jobs: &mut [Job], write_through: bool) {
+    /// One engine submission for every job that has I/O to do, then the
+    /// reads that failed in place once more through buffers of ours.
+    fn submit<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        jobs: &mut [Job],
+        write_through: bool,
+        pool: &mut BufPool,
+    ) {
+        let faulted = self.submit_once(jobs, None, write_through);
+        self.retry_in_place(mem, jobs, faulted, pool);
+    }
+
+    /// Turn every in-place read that did not verify (or that guest memory
+    /// faults may have touched) into a read through a buffer of ours, and
+    /// run those.
+    fn retry_in_place<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        jobs: &mut [Job],
+        faulted: bool,
+        pool: &mut BufPool,
+    ) {
+        let mut again = Vec::new();
+        for (i, job) in jobs.iter_mut().enumerate() {
+            let Work::ReadInPlace { data, pieces, .. } = &job.work else {
+                continue;
+            };
+            let touched = faulted
+                || data
+                    .iter()
+                    .any(|s| guestmem::poisoned(mem, s.addr, s.len as usize));
+            if job.error.is_none() && !touched {
+                continue;
+            }
+            for p in pieces {
+                // SAFETY: `run`'s caller still holds the memory, and the
+                // engine's slices of it ended with the submission.
+                unsafe { p.wipe() };
+            }
+            let Work::ReadInPlace {
+                block, len, data, ..
+            } = std::mem::replace(&mut job.work, Work::Nothing)
+            else {
+                unreachable!("matched above")
+            };
+            job.work = Work::Read {
+                block,
+                len,
+                buf: pool.get(len),
+                data,
+            };
+            job.error = None;
+            again.push(i);
+        }
+        if !again.is_empty() {
+            // Reads only: nothing to record in the write log, no flush.
+            self.submit_once(jobs, Some(&again), false);
+        }
+    }
+
+    /// One engine submission for every job (of `only`, if given) that has
+    /// I/O to do; whether guest memory faulted on this thread meanwhile.
+    fn submit_once(&self, jobs: &mut [Job], only: Option<&[usize]>, write_through: bool) -> bool {
         let mut ops = Vec::with_capacity(jobs.len() + 1);
         let mut owners = Vec::with_capacity(jobs.len() + 1);
         let mut modified = false;
         for (i, job) in jobs.iter_mut().enumerate() {
-            if job.error.is_some() {
+            if job.error.is_some() || only.is_some_and(|o| !o.contains(&i)) {
                 continue;
             }
             modified |= job.work.modifies();
@@ -386,6 +470,19 @@ impl Disk {
                         buf: &mut buf[..*len],
                     });
                     owners.push(Some(i));
+                }
+                Work::ReadInPlace { block, pieces, .. } => {
+                    let mut at = *block;
+                    for p in pieces.iter() {
+                        // SAFETY: `run`'s caller holds the memory the
+                        // pieces map until the jobs finish, and a job's
+                        // pieces are disjoint slices of its own buffers.
+                        let buf = unsafe { p.as_mut_slice() };
+                        let len = buf.len() as u64;
+                        ops.push(Op::TryRead { block: at, buf });
+                        owners.push(Some(i));
+                        at += len / u64::from(self.limits.block_size);
+                    }
                 }
                 Work::Write { block, len, buf } => {
                     ops.push(Op::Write {
@@ -408,7 +505,7 @@ impl Disk {
             }
         }
         if ops.is_empty() {
-            return;
+            return false;
         }
         // Write-through: one trailing flush makes the whole batch durable;
         // if it fails, every write of the batch fails.
@@ -420,7 +517,10 @@ impl Disk {
         let n = ops.len();
         // A FLUSH of this batch covers every guest write recorded before.
         let began = self.write_log.as_ref().map(|l| l.position());
-        let mut results = self.engine.submit(&mut ops).into_iter();
+        // In-place reads hash guest memory: a page whose file shrank
+        // faults there, and the handler lets the hash finish on zeros.
+        let (results, faulted) = guestmem::watched(|| self.engine.submit(&mut ops));
+        let mut results = results.into_iter();
         drop(ops);
         let mut flush_failed = false;
         for owner in owners.iter().take(n) {
@@ -452,9 +552,10 @@ impl Disk {
                     }));
             }
         }
-        if let (Some(log), Some(began)) = (&self.write_log, began) {
+        if let (Some(log), Some(began), None) = (&self.write_log, began, only) {
             self.record(log, jobs, began);
         }
+        faulted
     }
 
     /// Put the batch's successful writes, zeroings and flushes into the
@@ -483,6 +584,11 @@ impl Disk {
         if job.error.is_none() {
             let out = match &job.work {
                 Work::Read { len, buf, data, .. } => Some((&buf[..*len], data)),
+                // Verified where it lies (`retry_in_place` let it stand).
+                Work::ReadInPlace { len, .. } => {
+                    written = *len as u32;
+                    None
+                }
                 Work::GetId { len, data } => Some((&self.serial[..*len], data)),
                 _ => None,
             };
@@ -544,6 +650,7 @@ impl Disk {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use virtio_bindings::bindings::virtio_blk::{
@@ -662,13 +769,85 @@ mod tests {
         );
         assert_eq!(status_of_req(&f, 0), VIRTIO_BLK_S_IOERR as u8);
         assert_eq!(used[0].len, 1);
-        assert_eq!(
-            guest(&f, 0, 8192),
-            vec![0xee; 8192],
+        // Read in place, then wiped: what the guest holds is its own bytes
+        // or zeros, never the device's unverified ones.
+        let held = guest(&f, 0, 8192);
+        assert!(
+            held.iter().all(|&b| b == 0) || held.iter().all(|&b| b == 0xee),
             "unverified data reached the guest"
         );
         assert_eq!(status_of_req(&f, 1), 0, "the other request of the batch");
         assert_eq!(f.disk.engine().stats().mismatches, 1);
+    }
+
+    /// A data device whose next `scribbles` reads come back with a byte
+    /// changed, as a guest writing into its read buffer while the read
+    /// runs in place makes it look.
+    struct Scribbled {
+        inner: MemDevice,
+        scribbles: AtomicUsize,
+        reads: AtomicUsize,
+    }
+
+    impl Device for Scribbled {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)?;
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let left = self.scribbles.load(Ordering::SeqCst);
+            if left > 0 {
+                self.scribbles.store(left - 1, Ordering::SeqCst);
+                buf[buf.len() / 2] ^= 0x5a;
+            }
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.zero_range(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_read_spoilt_in_place_is_read_again_and_is_no_mismatch() {
+        let data = Arc::new(Scribbled {
+            inner: MemDevice::new(u64::from(BS) * BLOCKS),
+            scribbles: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        });
+        let (data2, f) = (
+            data.clone(),
+            Fixture {
+                data: Arc::new(MemDevice::new(0)),
+                disk: disk_over(data, false),
+                mem: guest_memory(),
+                pool: RefCell::new(BufPool::default()),
+            },
+        );
+        fill(&f, 0, 0x42, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
+        f.disk.engine().drain();
+        let reads = f.disk.engine().stats().reads;
+        data2.scribbles.store(1, Ordering::SeqCst);
+        let before = data2.reads.load(Ordering::SeqCst);
+        fill(&f, 0, 0xee, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_IN, 8, 8192)], false);
+        assert_eq!(status_of_req(&f, 0), 0, "the second read verified");
+        assert_eq!(guest(&f, 0, 8192), vec![0x42; 8192]);
+        assert_eq!(
+            data2.reads.load(Ordering::SeqCst) - before,
+            2,
+            "read in place, then again through a buffer of ours"
+        );
+        let stats = f.disk.engine().stats();
+        assert_eq!(stats.mismatches, 0, "a spoilt buffer is not bad data");
+        assert_eq!(stats.reads, reads + 1, "one guest read, counted once");
     }
 
     #[test]

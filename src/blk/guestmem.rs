@@ -230,17 +230,22 @@ fn replace_page(addr: usize) -> bool {
 /// if it touched a page whose file had shrunk (the handler let it finish
 /// on zeros).
 pub fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, Fault> {
+    match watched(f) {
+        (r, false) => Ok(r),
+        (_, true) => Err(Fault),
+    }
+}
+
+/// [`guarded`] for work that must keep its result either way: `f`'s
+/// result, and whether guest memory faulted on this thread while it ran.
+pub fn watched<T>(f: impl FnOnce() -> T) -> (T, bool) {
     let before = FAULTS.with(Cell::get);
     // The handler runs on this thread between these fences: keep the
     // compiler from moving the counter reads across the copy.
     compiler_fence(Ordering::SeqCst);
     let r = f();
     compiler_fence(Ordering::SeqCst);
-    if FAULTS.with(Cell::get) == before {
-        Ok(r)
-    } else {
-        Err(Fault)
-    }
+    (r, FAULTS.with(Cell::get) != before)
 }
 
 /// Does `addr..addr + len` of `mem` touch a region that has faulted?

@@ -4,6 +4,8 @@
 //! - [`request`]: parse and validate one descriptor chain (no I/O).
 //! - [`execute`]: run a group of requests as one engine batch, with
 //!   owned buffers ([`execute::Disk`], the disk as one connection sees it).
+//! - `inplace`: reads verified in the guest's own buffer, with a fallback
+//!   through owned buffers for a block that does not verify there.
 //! - [`config`]: feature bits and the config space.
 //! - [`backend`]: the vhost-user backend of one front-end connection;
 //!   it drains a ring and completes it a group (about 256 KiB) at a time.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod execute;
 mod fanout;
 pub mod guestmem;
+mod inplace;
 mod medium;
 pub(crate) mod ratelimit;
 pub mod request;

@@ -25,6 +25,12 @@ pub const BLOCKS: u64 = 64;
 /// A clean, formatted 4 KiB-block disk on memory devices.
 pub fn mem_disk(readonly: bool) -> (Arc<MemDevice>, Disk) {
     let data = Arc::new(MemDevice::new(u64::from(BS) * BLOCKS));
+    (data.clone(), disk_over(data, readonly))
+}
+
+/// The disk of [`mem_disk`] over a data device of the caller's, of
+/// `BS * BLOCKS` bytes.
+pub fn disk_over(data: DeviceRef, readonly: bool) -> Disk {
     let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
     let mut sb = Superblock::new(BS, u64::from(BS) * BLOCKS, 0xfeed).unwrap();
     sb.clean = true;
@@ -33,14 +39,13 @@ pub fn mem_disk(readonly: bool) -> (Arc<MemDevice>, Disk) {
         readonly,
         ..EngineOptions::default()
     };
-    let engine = Engine::open(data.clone(), meta, opts).unwrap();
-    let disk = Disk::new(
+    let engine = Engine::open(data, meta, opts).unwrap();
+    Disk::new(
         Arc::new(engine),
         config::limits(BS, BLOCKS),
         readonly,
         "serial-123",
-    );
-    (data, disk)
+    )
 }
 
 /// 16 MiB of guest memory; queues live at 0, requests from 1 MiB up.

@@ -142,6 +142,14 @@ pub struct Replayed {
 pub enum Op<'a> {
     /// Read whole blocks from `block` into `buf` (a multiple of the block size).
     Read { block: u64, buf: &'a mut [u8] },
+    /// [`Op::Read`] into memory its owner may write meanwhile (a guest's
+    /// own read buffer). Verified the same way, but a block that matches
+    /// neither checksum only fails the op with [`EngineError::Mismatch`]:
+    /// it is not logged, counted or remembered, and `on_mismatch` does not
+    /// apply, because the owner may have changed the bytes under the hash.
+    /// The caller then reads again into memory of its own with
+    /// [`Op::Read`], which tells a real mismatch.
+    TryRead { block: u64, buf: &'a mut [u8] },
     /// Write whole blocks at `block`. `data` must be memory the backend owns
     /// (never guest memory): it is hashed and then written as is.
     Write { block: u64, data: &'a [u8] },
@@ -461,6 +469,9 @@ impl Core {
             match op {
                 Op::Read { block, buf } => {
                     results[i] = self.read_blocks(*block, buf);
+                }
+                Op::TryRead { block, buf } => {
+                    results[i] = self.try_read_blocks(*block, buf);
                 }
                 Op::Write { block, data } => match self.check_write(*block, data.len()) {
                     Ok(count) => updates.push(Update {

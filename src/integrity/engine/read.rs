@@ -25,6 +25,20 @@ impl Core {
         }
     }
 
+    /// [`Op::TryRead`](super::Op::TryRead): a mismatch fails the read
+    /// quietly, and only a read that verified counts.
+    pub(super) fn try_read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        let count = self.block_count(buf.len())?;
+        self.check_range(block, count)?;
+        match self.read_checked(block, count, buf)?.first() {
+            Some(&first) => Err(EngineError::Mismatch { block: first }),
+            None => {
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
     /// A scrub's read: the same verification as a guest read, but every
     /// mismatched block is returned (whatever `on_mismatch` says) and the
     /// read does not count as a guest read.

@@ -1,0 +1,147 @@
+//! Reads verified in the guest's own buffer.
+//!
+//! DESIGN §2 reads into a buffer we own, verifies it, then copies it to
+//! the guest: three passes over the data (device to buffer, hash, buffer
+//! to guest). Reading straight into the guest's buffer and verifying it
+//! there saves the last one. That is sound only with a fallback, because
+//! the guest may write into its own read buffer while the request runs:
+//!
+//! - the engine's [`Op::TryRead`](crate::integrity::Op::TryRead) verifies
+//!   the bytes in place and reports a mismatch without logging, counting
+//!   or remembering it;
+//! - a read that fails that way (or faults, or meets a poisoned region) is
+//!   wiped, so no unverified byte stays in the guest's buffer, and run
+//!   again the DESIGN §2 way, which alone decides whether the block is bad.
+//!
+//! So a guest that scribbles on its own buffer costs itself a second read,
+//! never a false mismatch; and what the guest finds after a good status
+//! matched a checksum when it was hashed, as it would have after a copy.
+//!
+//! Only buffers that split into whole blocks take this path (the engine
+//! verifies block by block, one device read per piece), and only large
+//! pieces when there are several: one device read per 4 KiB page of a
+//! scattered buffer costs more than the copy it saves.
+
+use vm_memory::{GuestMemory, Permissions};
+
+use super::guestmem;
+use super::request::Segment;
+
+/// With several guest buffers, each must be at least this long.
+const MIN_PIECE: usize = 32 << 10;
+
+/// One host-contiguous piece of a guest read buffer.
+#[derive(Debug)]
+pub struct Piece {
+    ptr: *mut u8,
+    len: usize,
+}
+
+/// The guest buffers `data` of a read of `len` bytes as host pieces of
+/// whole `block_size` blocks, or `None` when the read should go through a
+/// buffer of ours (pieces too small or not whole blocks, memory outside
+/// the table or already faulted).
+pub fn pieces<M: GuestMemory + ?Sized>(
+    mem: &M,
+    data: &[Segment],
+    len: usize,
+    block_size: usize,
+) -> Option<Vec<Piece>> {
+    let mut pieces = Vec::with_capacity(data.len());
+    let mut left = len;
+    for s in data {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(s.len as usize);
+        if guestmem::poisoned(mem, s.addr, n) {
+            return None;
+        }
+        for slice in mem.get_slices(s.addr, n, Permissions::Write).ok()? {
+            let slice = slice.ok()?;
+            if slice.len() % block_size != 0 {
+                return None;
+            }
+            pieces.push(Piece {
+                ptr: slice.ptr_guard_mut().as_ptr(),
+                len: slice.len(),
+            });
+        }
+        left -= n;
+    }
+    let small = pieces.len() > 1 && pieces.iter().any(|p| p.len < MIN_PIECE);
+    (left == 0 && !small).then_some(pieces)
+}
+
+impl Piece {
+    /// The piece as a byte slice for the engine to read into and verify.
+    ///
+    /// # Safety
+    /// The mapping must outlive the slice (the caller holds the memory
+    /// snapshot the piece came from), and the slice must be the only one
+    /// of ours over these bytes while it lives. The guest may still write
+    /// them at any time: whatever is hashed there is checked again the
+    /// DESIGN §2 way before a mismatch is believed (see the module docs).
+    pub unsafe fn as_mut_slice<'a>(&self) -> &'a mut [u8] {
+        // SAFETY: the caller's contract above; `ptr..ptr + len` came from
+        // one guest memory region's mapping, checked writable.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Leave zeros where a failed read may have left unverified bytes.
+    ///
+    /// # Safety
+    /// The mapping must still be there, as for
+    /// [`as_mut_slice`](Self::as_mut_slice), and no slice of it alive.
+    pub unsafe fn wipe(&self) {
+        // A fault while wiping leaves the handler's zero page: zeros too.
+        let _ = guestmem::guarded(|| {
+            for i in 0..self.len {
+                // SAFETY: `i < len` of a mapping the caller keeps; volatile
+                // so that stores into memory the guest shares are kept.
+                unsafe { self.ptr.add(i).write_volatile(0) };
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    fn lens(p: Option<Vec<Piece>>) -> Option<Vec<usize>> {
+        p.map(|v| v.iter().map(|p| p.len).collect())
+    }
+
+    #[test]
+    fn whole_blocks_go_in_place_and_scattered_pages_do_not() {
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 20), 1 << 20),
+        ])
+        .unwrap();
+        let pieces = |segs: &[Segment], len| lens(pieces(&mem, segs, len, 4096));
+        assert_eq!(pieces(&[seg(0, 4096)], 4096), Some(vec![4096]));
+        assert_eq!(
+            pieces(&[seg(0, 64 << 10), seg(1 << 19, 64 << 10)], 128 << 10),
+            Some(vec![64 << 10, 64 << 10])
+        );
+        // One buffer across the two regions: two host pieces.
+        assert_eq!(
+            pieces(&[seg((1 << 20) - (64 << 10), 128 << 10)], 128 << 10),
+            Some(vec![64 << 10, 64 << 10])
+        );
+        assert_eq!(pieces(&[seg(0, 4096), seg(8192, 4096)], 8192), None);
+        assert_eq!(pieces(&[seg(0, 1000), seg(4096, 3096)], 4096), None);
+        assert_eq!(pieces(&[seg(2 << 20, 4096)], 4096), None, "outside memory");
+    }
+}
