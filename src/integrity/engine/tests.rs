@@ -155,6 +155,39 @@ fn on_mismatch_log_returns_the_data() {
 }
 
 #[test]
+fn a_try_read_reports_a_mismatch_without_counting_it_whatever_on_mismatch_says() {
+    let disk = Disk::new(512, 4);
+    let e = disk.open(EngineOptions {
+        on_mismatch: OnMismatch::Log,
+        ..Default::default()
+    });
+    e.write(0, &pattern(512, 4, 3)).unwrap();
+    e.drain();
+    let reads = e.stats().reads;
+    let mut buf = vec![0; 4 * 512];
+    let r = e.submit(&mut [Op::TryRead {
+        block: 0,
+        buf: &mut buf,
+    }]);
+    assert!(r[0].is_ok(), "{r:?}");
+    assert_eq!(buf, pattern(512, 4, 3));
+    disk.data.poke(2 * 512 + 7, |b| *b ^= 1);
+    let r = e.submit(&mut [Op::TryRead {
+        block: 0,
+        buf: &mut buf,
+    }]);
+    assert!(
+        matches!(r[0], Err(EngineError::Mismatch { block: 2 })),
+        "{r:?}"
+    );
+    let s = e.stats();
+    assert_eq!((s.mismatches, s.reads), (0, reads + 1), "{s:?}");
+    // The real read that follows is the one that tells.
+    e.read(0, &mut buf).unwrap();
+    assert_eq!(e.stats().mismatches, 1);
+}
+
+#[test]
 fn a_block_written_at_another_place_does_not_verify() {
     let disk = Disk::new(4096, 8);
     let e = disk.engine();
