@@ -608,12 +608,8 @@ fn run() -> Result<bool> {
                     st.map_or("killed after 30 s".into(), |s| s.to_string())
                 ),
             }
-            // twinsum's exit summary counts syncs: the first thing to look
-            // at when writes are slow.
-            let log = fs::read_to_string(&s.log).unwrap_or_default();
-            if let Some(line) = log.lines().rev().find(|l| l.contains("stopped:")) {
-                let at = line.find("stopped:").unwrap_or(0);
-                println!("{} {}", side.name, &line[at..]);
+            if let Some(summary) = s.exit_summary() {
+                println!("{} {summary}", side.name);
             }
         }
     }
@@ -847,6 +843,9 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
             side.client = None;
             if let Some(mut s) = side.server.take() {
                 s.stop(Duration::from_secs(60));
+                if let Some(summary) = s.exit_summary() {
+                    println!("scale {} GiB: {} {summary}", size >> 30, side.name);
+                }
             }
         }
         if tw.unavailable.is_none() {

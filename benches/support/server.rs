@@ -144,6 +144,17 @@ impl Server {
     }
 }
 
+impl Server {
+    /// twinsum's exit summary (`stopped: ... data syncs ...`) from the log
+    /// of a stopped server: the first thing to look at when writes are slow.
+    pub fn exit_summary(&self) -> Option<String> {
+        let log = fs::read_to_string(&self.log).ok()?;
+        let line = log.lines().rev().find(|l| l.contains("stopped:"))?;
+        let at = line.find("stopped:").unwrap_or(0);
+        Some(line[at..].to_string())
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
