@@ -300,10 +300,11 @@ impl Disk {
         let mut used = Vec::with_capacity(parsed.len());
         let mut jobs = Vec::new();
         let mut bytes = 0;
+        let mut claims = inplace::Claims::default();
         // Once per drain: a batch is served whole or refused whole.
         let halted = self.halted.get().copied();
         for p in parsed {
-            let job = self.prepare(mem, p, halted, pool);
+            let job = self.prepare(mem, p, halted, pool, &mut claims);
             bytes += job.work.bytes();
             jobs.push(job);
             if bytes >= BATCH_BYTES {
@@ -327,6 +328,7 @@ impl Disk {
         p: Result<Request, ParseError>,
         halted: Option<&'static str>,
         pool: &mut BufPool,
+        claims: &mut inplace::Claims,
     ) -> Job {
         let req = match p {
             Ok(r) => r,
@@ -357,7 +359,8 @@ impl Disk {
         job.work = match req.kind {
             Kind::Read { len: 0, .. } | Kind::Write { len: 0, .. } => Work::Nothing,
             Kind::Read { block, len, data } => {
-                match inplace::pieces(mem, &data, len, self.limits.block_size as usize) {
+                let bs = self.limits.block_size as usize;
+                match inplace::pieces(mem, &data, len, bs, claims) {
                     Some(pieces) => Work::ReadInPlace {
                         block,
                         len,
@@ -412,7 +415,8 @@ impl Disk {
         faulted: bool,
         pool: &mut BufPool,
     ) {
-        let mut again = Vec::new();
+        let mut again = vec![false; jobs.len()];
+        let mut any = false;
         for (i, job) in jobs.iter_mut().enumerate() {
             let Work::ReadInPlace { data, pieces, .. } = &job.work else {
                 continue;
@@ -442,22 +446,24 @@ impl Disk {
                 data,
             };
             job.error = None;
-            again.push(i);
+            again[i] = true;
+            any = true;
         }
-        if !again.is_empty() {
+        if any {
             // Reads only: nothing to record in the write log, no flush.
             self.submit_once(jobs, Some(&again), false);
         }
     }
 
-    /// One engine submission for every job (of `only`, if given) that has
-    /// I/O to do; whether guest memory faulted on this thread meanwhile.
-    fn submit_once(&self, jobs: &mut [Job], only: Option<&[usize]>, write_through: bool) -> bool {
+    /// One engine submission for every job (those marked in `only`, if
+    /// given) that has I/O to do; whether guest memory faulted on this
+    /// thread meanwhile.
+    fn submit_once(&self, jobs: &mut [Job], only: Option<&[bool]>, write_through: bool) -> bool {
         let mut ops = Vec::with_capacity(jobs.len() + 1);
         let mut owners = Vec::with_capacity(jobs.len() + 1);
         let mut modified = false;
         for (i, job) in jobs.iter_mut().enumerate() {
-            if job.error.is_some() || only.is_some_and(|o| !o.contains(&i)) {
+            if job.error.is_some() || only.is_some_and(|o| !o[i]) {
                 continue;
             }
             modified |= job.work.modifies();
@@ -475,8 +481,8 @@ impl Disk {
                     let mut at = *block;
                     for p in pieces.iter() {
                         // SAFETY: `run`'s caller holds the memory the
-                        // pieces map until the jobs finish, and a job's
-                        // pieces are disjoint slices of its own buffers.
+                        // pieces map until the jobs finish, and the
+                        // pieces of a batch are disjoint (`Claims`).
                         let buf = unsafe { p.as_mut_slice() };
                         let len = buf.len() as u64;
                         ops.push(Op::TryRead { block: at, buf });
@@ -586,6 +592,7 @@ impl Disk {
                 Work::Read { len, buf, data, .. } => Some((&buf[..*len], data)),
                 // Verified where it lies (`retry_in_place` let it stand).
                 Work::ReadInPlace { len, .. } => {
+                    self.engine.count_read();
                     written = *len as u32;
                     None
                 }
@@ -665,6 +672,7 @@ mod tests {
 
     use super::*;
     use crate::blk::testutil::*;
+    use crate::integrity::{EngineOptions, OnMismatch};
     use crate::io::{Device, MemDevice};
 
     struct Fixture {
@@ -750,7 +758,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_verification_is_ioerr_and_leaves_the_guest_buffer_alone() {
+    fn a_failed_verification_is_ioerr_and_leaves_no_device_byte_in_the_guest_buffer() {
         let f = fixture(false);
         fill(&f, 0, 0x42, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
@@ -769,11 +777,10 @@ mod tests {
         );
         assert_eq!(status_of_req(&f, 0), VIRTIO_BLK_S_IOERR as u8);
         assert_eq!(used[0].len, 1);
-        // Read in place, then wiped: what the guest holds is its own bytes
-        // or zeros, never the device's unverified ones.
-        let held = guest(&f, 0, 8192);
+        // Read in place, then wiped: zeros, never the device's unverified
+        // bytes (nor the verified first block of the request).
         assert!(
-            held.iter().all(|&b| b == 0) || held.iter().all(|&b| b == 0xee),
+            guest(&f, 0, 8192).iter().all(|&b| b == 0),
             "unverified data reached the guest"
         );
         assert_eq!(status_of_req(&f, 1), 0, "the other request of the batch");
@@ -848,6 +855,94 @@ mod tests {
         let stats = f.disk.engine().stats();
         assert_eq!(stats.mismatches, 0, "a spoilt buffer is not bad data");
         assert_eq!(stats.reads, reads + 1, "one guest read, counted once");
+    }
+
+    /// Run one read of `segs` (guest address, length) at `sector` as a
+    /// batch of its own.
+    fn run_read_into(f: &Fixture, sector: u64, segs: &[(u64, u32)]) -> Vec<Used> {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        f.mem.write_slice(&h, GuestAddress(hdr(0))).unwrap();
+        let mut chain = vec![(hdr(0), 16, 0)];
+        chain.extend(segs.iter().map(|&(a, l)| (a, l, VRING_DESC_F_WRITE)));
+        chain.push((status(0), 1, VRING_DESC_F_WRITE));
+        let n = chain.len();
+        let descs: Vec<RawDescriptor> = chain
+            .into_iter()
+            .enumerate()
+            .map(|(i, (addr, len, flags))| {
+                let (flags, next) = if i + 1 < n {
+                    (flags | VRING_DESC_F_NEXT, i as u16 + 1)
+                } else {
+                    (flags, 0)
+                };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+            })
+            .collect();
+        let vq = MockSplitQueue::new(&f.mem, 256);
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let parsed = parse_ring(&f.mem, &vq, f.disk.limits());
+        f.disk.run(&f.mem, parsed, false, &mut f.pool.borrow_mut())
+    }
+
+    #[test]
+    fn a_read_in_two_pieces_gets_each_block_in_its_place_and_counts_once() {
+        let f = fixture(false);
+        let bs = BS as usize;
+        // Blocks 8..40, each of its own byte.
+        let data: Vec<u8> = (0..32).flat_map(|i| vec![0x20 + i as u8; bs]).collect();
+        f.mem.write_slice(&data, GuestAddress(buf(0))).unwrap();
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 64, 32 * BS)], false);
+        let reads = f.disk.engine().stats().reads;
+        let (a, b) = (0x80_0000, 0x90_0000);
+        f.mem
+            .write_slice(&vec![0xee; 16 * bs], GuestAddress(a))
+            .unwrap();
+        f.mem
+            .write_slice(&vec![0xee; 16 * bs], GuestAddress(b))
+            .unwrap();
+        let used = run_read_into(&f, 64, &[(a, 16 * BS), (b, 16 * BS)]);
+        assert_eq!(used[0].len, 32 * BS + 1);
+        assert_eq!(status_byte(&f.mem, 0), 0);
+        let mut got = vec![0u8; 16 * bs];
+        f.mem.read_slice(&mut got, GuestAddress(a)).unwrap();
+        assert!(got == data[..16 * bs], "the first piece holds blocks 8..24");
+        f.mem.read_slice(&mut got, GuestAddress(b)).unwrap();
+        assert!(
+            got == data[16 * bs..],
+            "the second piece holds blocks 24..40"
+        );
+        assert_eq!(f.disk.engine().stats().reads, reads + 1);
+    }
+
+    #[test]
+    fn on_mismatch_log_delivers_the_data_once_logged() {
+        let data = Arc::new(MemDevice::new(u64::from(BS) * BLOCKS));
+        let opts = EngineOptions {
+            on_mismatch: OnMismatch::Log,
+            ..EngineOptions::default()
+        };
+        let f = Fixture {
+            data: data.clone(),
+            disk: disk_with(data, opts),
+            mem: guest_memory(),
+            pool: RefCell::new(BufPool::default()),
+        };
+        fill(&f, 0, 0x42, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
+        f.disk.engine().drain();
+        f.data.write_at(&[0x43], 4096 + 100).unwrap();
+        let reads = f.disk.engine().stats().reads;
+        fill(&f, 0, 0xee, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_IN, 8, 8192)], false);
+        assert_eq!(status_of_req(&f, 0), 0);
+        // Sector 8 is block 1: the flipped byte is the request's 101st.
+        let mut want = vec![0x42; 8192];
+        want[100] = 0x43;
+        assert!(guest(&f, 0, 8192) == want, "the device's data, as asked");
+        let stats = f.disk.engine().stats();
+        assert_eq!((stats.mismatches, stats.reads), (1, reads + 1));
     }
 
     #[test]

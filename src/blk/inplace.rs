@@ -22,6 +22,8 @@
 //! pieces when there are several: one device read per 4 KiB page of a
 //! scattered buffer costs more than the copy it saves.
 
+use std::collections::BTreeMap;
+
 use vm_memory::{GuestMemory, Permissions};
 
 use super::guestmem;
@@ -37,15 +39,46 @@ pub struct Piece {
     len: usize,
 }
 
+/// Host memory that in-place reads of one batch read into: no two of
+/// them may share a byte. A guest that gives two reads (or two segments
+/// of one) the same buffer gets what it asked for the DESIGN §2 way; in
+/// place, one read failing would wipe what the other verified.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Start → end of each claimed piece.
+    ranges: BTreeMap<usize, usize>,
+}
+
+impl Claims {
+    /// Claim all of `pieces`, or none if one overlaps a claim (or another).
+    fn claim(&mut self, pieces: &[Piece]) -> bool {
+        let mut taken: Vec<(usize, usize)> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let (start, end) = (p.ptr as usize, p.ptr as usize + p.len);
+            let before = self.ranges.range(..end).next_back();
+            if before.is_some_and(|(_, &e)| e > start)
+                || taken.iter().any(|&(s, e)| s < end && start < e)
+            {
+                return false;
+            }
+            taken.push((start, end));
+        }
+        self.ranges.extend(taken);
+        true
+    }
+}
+
 /// The guest buffers `data` of a read of `len` bytes as host pieces of
-/// whole `block_size` blocks, or `None` when the read should go through a
-/// buffer of ours (pieces too small or not whole blocks, memory outside
-/// the table or already faulted).
+/// whole `block_size` blocks, claimed in `claims`, or `None` when the read
+/// should go through a buffer of ours (pieces too small or not whole
+/// blocks, memory outside the table or already faulted, or shared with
+/// another read of the batch).
 pub fn pieces<M: GuestMemory + ?Sized>(
     mem: &M,
     data: &[Segment],
     len: usize,
     block_size: usize,
+    claims: &mut Claims,
 ) -> Option<Vec<Piece>> {
     let mut pieces = Vec::with_capacity(data.len());
     let mut left = len;
@@ -70,7 +103,7 @@ pub fn pieces<M: GuestMemory + ?Sized>(
         left -= n;
     }
     let small = pieces.len() > 1 && pieces.iter().any(|p| p.len < MIN_PIECE);
-    (left == 0 && !small).then_some(pieces)
+    (left == 0 && !small && claims.claim(&pieces)).then_some(pieces)
 }
 
 impl Piece {
@@ -79,9 +112,10 @@ impl Piece {
     /// # Safety
     /// The mapping must outlive the slice (the caller holds the memory
     /// snapshot the piece came from), and the slice must be the only one
-    /// of ours over these bytes while it lives. The guest may still write
-    /// them at any time: whatever is hashed there is checked again the
-    /// DESIGN §2 way before a mismatch is believed (see the module docs).
+    /// of ours over these bytes while it lives ([`Claims`] keeps the
+    /// pieces of one batch apart). The guest may still write them at any
+    /// time: whatever is hashed there is checked again the DESIGN §2 way
+    /// before a mismatch is believed (see the module docs).
     pub unsafe fn as_mut_slice<'a>(&self) -> &'a mut [u8] {
         // SAFETY: the caller's contract above; `ptr..ptr + len` came from
         // one guest memory region's mapping, checked writable.
@@ -129,7 +163,8 @@ mod tests {
             (GuestAddress(1 << 20), 1 << 20),
         ])
         .unwrap();
-        let pieces = |segs: &[Segment], len| lens(pieces(&mem, segs, len, 4096));
+        let pieces =
+            |segs: &[Segment], len| lens(pieces(&mem, segs, len, 4096, &mut Claims::default()));
         assert_eq!(pieces(&[seg(0, 4096)], 4096), Some(vec![4096]));
         assert_eq!(
             pieces(&[seg(0, 64 << 10), seg(1 << 19, 64 << 10)], 128 << 10),
@@ -143,5 +178,23 @@ mod tests {
         assert_eq!(pieces(&[seg(0, 4096), seg(8192, 4096)], 8192), None);
         assert_eq!(pieces(&[seg(0, 1000), seg(4096, 3096)], 4096), None);
         assert_eq!(pieces(&[seg(2 << 20, 4096)], 4096), None, "outside memory");
+        assert_eq!(
+            pieces(&[seg(0, 64 << 10), seg(32 << 10, 64 << 10)], 128 << 10),
+            None,
+            "segments sharing bytes"
+        );
+    }
+
+    #[test]
+    fn reads_of_one_batch_sharing_bytes_do_not_both_go_in_place() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut claims = Claims::default();
+        let mut take = |addr, len| pieces(&mem, &[seg(addr, len)], len as usize, 4096, &mut claims);
+        assert!(take(0x1_0000, 8192).is_some());
+        assert!(take(0x1_2000, 4096).is_some(), "adjacent is fine");
+        assert!(take(0x1_1000, 4096).is_none(), "inside the first");
+        assert!(take(0x0_f000, 8192).is_none(), "over the first's start");
+        assert!(take(0x0_f000, 4096).is_some(), "just before it");
     }
 }

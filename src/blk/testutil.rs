@@ -31,14 +31,20 @@ pub fn mem_disk(readonly: bool) -> (Arc<MemDevice>, Disk) {
 /// The disk of [`mem_disk`] over a data device of the caller's, of
 /// `BS * BLOCKS` bytes.
 pub fn disk_over(data: DeviceRef, readonly: bool) -> Disk {
-    let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
-    let mut sb = Superblock::new(BS, u64::from(BS) * BLOCKS, 0xfeed).unwrap();
-    sb.clean = true;
-    Metadata::create(meta.clone(), sb, 16).unwrap();
     let opts = EngineOptions {
         readonly,
         ..EngineOptions::default()
     };
+    disk_with(data, opts)
+}
+
+/// [`disk_over`] with engine options of the caller's.
+pub fn disk_with(data: DeviceRef, opts: EngineOptions) -> Disk {
+    let readonly = opts.readonly;
+    let meta: DeviceRef = Arc::new(MemDevice::new(meta_len(BLOCKS)));
+    let mut sb = Superblock::new(BS, u64::from(BS) * BLOCKS, 0xfeed).unwrap();
+    sb.clean = true;
+    Metadata::create(meta.clone(), sb, 16).unwrap();
     let engine = Engine::open(data, meta, opts).unwrap();
     Disk::new(
         Arc::new(engine),

@@ -144,11 +144,12 @@ pub enum Op<'a> {
     Read { block: u64, buf: &'a mut [u8] },
     /// [`Op::Read`] into memory its owner may write meanwhile (a guest's
     /// own read buffer). Verified the same way, but a block that matches
-    /// neither checksum only fails the op with [`EngineError::Mismatch`]:
-    /// it is not logged, counted or remembered, and `on_mismatch` does not
-    /// apply, because the owner may have changed the bytes under the hash.
-    /// The caller then reads again into memory of its own with
-    /// [`Op::Read`], which tells a real mismatch.
+    /// neither checksum only fails the op with [`EngineError::Mismatch`]
+    /// and zeros in `buf`: it is not logged, counted or remembered, and
+    /// `on_mismatch` does not apply, because the owner may have changed
+    /// the bytes under the hash. The caller then reads again into memory
+    /// of its own with [`Op::Read`], which tells a real mismatch. A
+    /// `TryRead` is not counted as a read ([`Engine::count_read`]).
     TryRead { block: u64, buf: &'a mut [u8] },
     /// Write whole blocks at `block`. `data` must be memory the backend owns
     /// (never guest memory): it is hashed and then written as is.
@@ -345,6 +346,13 @@ impl Engine {
     /// then the flushes under one data sync.
     pub fn submit(&self, ops: &mut [Op<'_>]) -> Vec<Result<(), EngineError>> {
         self.core.submit(ops)
+    }
+
+    /// Count a guest read that completed through [`Op::TryRead`]s, which
+    /// do not count themselves (a request may take several, or fall back
+    /// to an [`Op::Read`], which does).
+    pub fn count_read(&self) {
+        self.core.counters.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn read(&self, block: u64, buf: &mut [u8]) -> Result<(), EngineError> {

@@ -26,16 +26,24 @@ impl Core {
     }
 
     /// [`Op::TryRead`](super::Op::TryRead): a mismatch fails the read
-    /// quietly, and only a read that verified counts.
+    /// quietly and leaves zeros in `buf`, so that what did not verify is
+    /// not left where its owner can see it. Not counted: the caller
+    /// counts a request once ([`Engine::count_read`](super::Engine::count_read)).
     pub(super) fn try_read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let count = self.block_count(buf.len())?;
         self.check_range(block, count)?;
-        match self.read_checked(block, count, buf)?.first() {
-            Some(&first) => Err(EngineError::Mismatch { block: first }),
-            None => {
-                self.counters.reads.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
+        let r = self.read_checked(block, count, buf);
+        let first = match &r {
+            Ok(bad) => bad.first().copied(),
+            Err(_) => None,
+        };
+        if r.is_err() || first.is_some() {
+            buf.fill(0);
+        }
+        match (r, first) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(block)) => Err(EngineError::Mismatch { block }),
+            (Ok(_), None) => Ok(()),
         }
     }
 
