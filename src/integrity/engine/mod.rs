@@ -79,7 +79,12 @@ pub struct EngineOptions {
     pub on_mismatch: OnMismatch,
     /// Refuse writes; never mark the metadata dirty.
     pub readonly: bool,
-    /// Past this many Pending blocks the engine syncs the data device itself.
+    /// Past this many Pending blocks the engine syncs the data device
+    /// itself. It bounds the window of weakened detection and the memory
+    /// the Pending set takes (about 32 bytes a block). The default, 2^20,
+    /// is 4 GiB of 4 KiB blocks: a guest writing at random over a large
+    /// sparse image for seconds meets no sync of the whole device (each
+    /// one allocates everything written since the last) before its FLUSH.
     pub pending_limit: usize,
     /// Metadata cache size in 4 KiB pages.
     pub cache_pages: usize,
@@ -105,7 +110,7 @@ impl Default for EngineOptions {
         Self {
             on_mismatch: OnMismatch::Error,
             readonly: false,
-            pending_limit: 65536,
+            pending_limit: 1 << 20,
             cache_pages: 16384,
             write_cache: true,
             stage_bytes: DEFAULT_STAGE_BYTES,

@@ -234,6 +234,81 @@ impl Core {
         r
     }
 
+    /// Make each of `blocks` (sorted, distinct) that is Pending with no
+    /// write in flight durable on its own: write its current content
+    /// again with a range sync, then forget its old checksum, as a data
+    /// sync would (the media now hold that content and nothing older).
+    /// For a few rewrites this costs a few small synced writes instead of
+    /// a sync of everything written since the last one, which on a large
+    /// sparse image means allocating all of it at once.
+    pub(super) fn settle_blocks(&self, blocks: &[u64]) -> Result<(), EngineError> {
+        let mine: Vec<u64> = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            blocks
+                .iter()
+                .copied()
+                .filter(|&b| {
+                    let zeroing = st.zeroing.iter().any(|&(s, e)| s <= b && b < e);
+                    // Marked in flight, so no other write of the block, and
+                    // no data sync's forget, runs while we rewrite it.
+                    !zeroing
+                        && st.pending.get_mut(&b).is_some_and(|p| {
+                            let idle = p.inflight == 0;
+                            p.inflight += u32::from(idle);
+                            idle
+                        })
+                })
+                .collect()
+        };
+        let mut done = Vec::with_capacity(mine.len());
+        let mut buf = Vec::new();
+        for run in mine.chunk_by(|a, b| a + 1 == *b) {
+            let at = self.offset(run[0]);
+            buf.resize(run.len() * self.block_size as usize, 0);
+            let r = self
+                .data
+                .read_at(&mut buf, at)
+                .and_then(|()| self.data.write_durable(&buf, at));
+            match r {
+                Ok(()) => done.extend_from_slice(run),
+                // They stay Pending: what we wrote again was already a
+                // content their pairs cover.
+                Err(e) => warn!(
+                    "cannot make blocks {}+{} durable on their own: {e}",
+                    run[0],
+                    run.len()
+                ),
+            }
+        }
+        let mut st = self.lock();
+        for b in &mine {
+            if let Some(p) = st.pending.get_mut(b) {
+                p.inflight -= 1;
+            }
+        }
+        let mut r = Ok(());
+        for &b in &done {
+            st.pending.remove(&b);
+            let settled = st.meta.get(b).and_then(|p| {
+                st.meta.set(
+                    b,
+                    Pair {
+                        new: p.new,
+                        old: p.new,
+                    },
+                )
+            });
+            if let Err(e) = settled {
+                r = Err(e.into());
+            }
+        }
+        self.pair_changes.fetch_add(1, Ordering::SeqCst);
+        drop(st);
+        self.completed.notify_all();
+        r
+    }
+
     /// The sync thread: one data sync per request, until stopped, so the
     /// commit thread keeps writing Clean blocks while the sync runs.
     pub(super) fn run_syncer(&self) {

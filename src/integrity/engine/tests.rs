@@ -227,8 +227,12 @@ fn content_older_than_a_written_back_flush_is_caught() {
 
 #[test]
 fn rewriting_a_pending_block_syncs_data_once_per_batch() {
+    // Without the write-back stage: the batch's own sync.
     let disk = Disk::new(512, 8);
-    let e = disk.engine();
+    let e = disk.open(EngineOptions {
+        write_cache: false,
+        ..Default::default()
+    });
     e.write(0, &pattern(512, 4, 1)).unwrap();
     e.drain();
     let before = disk.data.syncs.load(Ordering::SeqCst);
@@ -245,6 +249,35 @@ fn rewriting_a_pending_block_syncs_data_once_per_batch() {
     e.write(6, &a).unwrap();
     e.drain();
     assert_eq!(disk.data.syncs.load(Ordering::SeqCst), before + 1);
+}
+
+#[test]
+fn a_few_rewrites_through_the_stage_settle_just_their_blocks() {
+    let disk = Disk::new(512, 8);
+    let e = disk.engine();
+    e.write(0, &pattern(512, 4, 1)).unwrap();
+    e.drain();
+    assert_eq!(e.stats().pending, 4);
+    let before = disk.data.syncs.load(Ordering::SeqCst);
+    let (a, b) = (pattern(512, 1, 2), pattern(512, 1, 3));
+    let r = e.submit(&mut [
+        Op::Write { block: 1, data: &a },
+        Op::Write { block: 3, data: &b },
+    ]);
+    assert!(r.iter().all(Result::is_ok));
+    e.drain();
+    // One range sync per rewritten block (1 and 3 are not adjacent), and
+    // blocks 0 and 2, which no sync of the whole device covered, are
+    // still Pending beside the two rewrites.
+    assert_eq!(disk.data.syncs.load(Ordering::SeqCst), before + 2);
+    assert_eq!(e.stats().pending, 4);
+    let mut buf = vec![0; 4 * 512];
+    e.read(0, &mut buf).unwrap();
+    let old = pattern(512, 4, 1);
+    assert_eq!(buf[..512], old[..512]);
+    assert_eq!(buf[512..1024], a[..]);
+    assert_eq!(buf[1024..1536], old[1024..1536]);
+    assert_eq!(buf[1536..], b[..]);
 }
 
 #[test]

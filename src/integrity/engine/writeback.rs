@@ -31,6 +31,11 @@ const FILLED: u8 = 1;
 /// Filling failed: the write returned an error and is never applied.
 const FAILED: u8 = 2;
 
+/// A batch whose writes rewrite at most this many Pending blocks makes
+/// them durable one by one (a few synced writes of a block or a run of
+/// them) instead of holding the writes for a sync of the whole device.
+const SETTLE_ONE_BY_ONE: usize = 64;
+
 /// A write held in the stage.
 struct Entry {
     slot: Slot,
@@ -273,9 +278,10 @@ impl Core {
     /// it from the stage, repeat.
     ///
     /// A write to a block written since the last data sync would need a
-    /// sync before its round (DESIGN §2); rather than wait for one, the
-    /// thread holds such writes back in the stage, asks the sync thread for
-    /// a sync, and writes the rest. Held writes go in a later batch, after
+    /// sync before its round (DESIGN §2). A few such blocks are made
+    /// durable one by one first ([`Core::settle_blocks`]); beyond that,
+    /// rather than wait for a sync, the thread holds such writes back in
+    /// the stage, asks the sync thread for a sync, and writes the rest. Held writes go in a later batch, after
     /// a sync, before anything newer to their blocks. The stage is released
     /// only up to the oldest held write, so a process death replays them
     /// (and, harmlessly, the newer writes after them) in order.
@@ -411,6 +417,7 @@ impl Core {
             // again and fails them if it cannot.
             vec![true; batch.len()]
         } else {
+            self.settle_rewritten(batch, &live);
             self.writable_now(batch, &live)
         };
         // A write that newer ones overwrite is done only when they are:
@@ -421,6 +428,35 @@ impl Core {
             }
         }
         Plan { live, go }
+    }
+
+    /// When the live writes of `batch` rewrite at most
+    /// [`SETTLE_ONE_BY_ONE`] Pending blocks, make those durable one by one
+    /// ([`Core::settle_blocks`]) so the writes go now, rather than holding
+    /// them for a sync of the whole device.
+    fn settle_rewritten(&self, batch: &[Arc<Entry>], live: &[bool]) {
+        let mut blocks: Vec<u64> = {
+            let st = self.lock();
+            batch
+                .iter()
+                .zip(live)
+                .filter(|(e, &live)| live && e.state() == FILLED)
+                .flat_map(|(e, _)| e.block..e.block + e.count)
+                .filter(|b| st.pending.contains_key(b))
+                .take(SETTLE_ONE_BY_ONE + 1)
+                .collect()
+        };
+        if blocks.is_empty() || blocks.len() > SETTLE_ONE_BY_ONE {
+            return;
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        if let Err(e) = self.settle_blocks(&blocks) {
+            error!(
+                "cannot settle rewritten blocks one by one: {}",
+                crate::error::Chain(&e)
+            );
+        }
     }
 
     /// Which writes of `batch` may be written now without a data sync
