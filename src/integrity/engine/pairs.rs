@@ -57,6 +57,29 @@ impl State {
             zeroing: Vec::new(),
         }
     }
+
+    /// Block `b`'s last content is durable: it leaves the Pending set and
+    /// its old checksum is forgotten (`old := new`).
+    fn settle(&mut self, b: u64) {
+        self.pending.remove(&b);
+        let forgotten = self.meta.get(b).and_then(|p| {
+            self.meta.set(
+                b,
+                Pair {
+                    new: p.new,
+                    old: p.new,
+                },
+            )
+        });
+        if let Err(e) = forgotten {
+            // Keeping both slots is always safe; only detection of a
+            // stale old content is weaker.
+            warn!(
+                "cannot forget the old checksum of block {b}: {}",
+                crate::error::Chain(&e)
+            );
+        }
+    }
 }
 
 impl Core {
@@ -241,7 +264,7 @@ impl Core {
     /// For a few rewrites this costs a few small synced writes instead of
     /// a sync of everything written since the last one, which on a large
     /// sparse image means allocating all of it at once.
-    pub(super) fn settle_blocks(&self, blocks: &[u64]) -> Result<(), EngineError> {
+    pub(super) fn settle_blocks(&self, blocks: &[u64]) {
         let mine: Vec<u64> = {
             let mut st = self.lock();
             let st = &mut *st;
@@ -287,26 +310,12 @@ impl Core {
                 p.inflight -= 1;
             }
         }
-        let mut r = Ok(());
         for &b in &done {
-            st.pending.remove(&b);
-            let settled = st.meta.get(b).and_then(|p| {
-                st.meta.set(
-                    b,
-                    Pair {
-                        new: p.new,
-                        old: p.new,
-                    },
-                )
-            });
-            if let Err(e) = settled {
-                r = Err(e.into());
-            }
+            st.settle(b);
         }
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
         drop(st);
         self.completed.notify_all();
-        r
     }
 
     /// The sync thread: one data sync per request, until stopped, so the
@@ -331,24 +340,7 @@ impl Core {
             .map(|(&b, _)| b)
             .collect();
         for b in settled {
-            st.pending.remove(&b);
-            let forgotten = st.meta.get(b).and_then(|p| {
-                st.meta.set(
-                    b,
-                    Pair {
-                        new: p.new,
-                        old: p.new,
-                    },
-                )
-            });
-            if let Err(e) = forgotten {
-                // Keeping both slots is always safe; only detection of a
-                // stale old content is weaker.
-                warn!(
-                    "cannot forget the old checksum of block {b}: {}",
-                    crate::error::Chain(&e)
-                );
-            }
+            st.settle(b);
         }
         // Inside the lock: a read that sees the new pairs must also see
         // the bump, or it would report the race as a mismatch.

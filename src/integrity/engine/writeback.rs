@@ -451,12 +451,7 @@ impl Core {
         }
         blocks.sort_unstable();
         blocks.dedup();
-        if let Err(e) = self.settle_blocks(&blocks) {
-            error!(
-                "cannot settle rewritten blocks one by one: {}",
-                crate::error::Chain(&e)
-            );
-        }
+        self.settle_blocks(&blocks);
     }
 
     /// Which writes of `batch` may be written now without a data sync
