@@ -416,7 +416,6 @@ impl Disk {
         pool: &mut BufPool,
     ) {
         let mut again = vec![false; jobs.len()];
-        let mut any = false;
         for (i, job) in jobs.iter_mut().enumerate() {
             let Work::ReadInPlace { data, pieces, .. } = &job.work else {
                 continue;
@@ -447,9 +446,8 @@ impl Disk {
             };
             job.error = None;
             again[i] = true;
-            any = true;
         }
-        if any {
+        if again.contains(&true) {
             // Reads only: nothing to record in the write log, no flush.
             self.submit_once(jobs, Some(&again), false);
         }
@@ -685,6 +683,12 @@ mod tests {
 
     fn fixture(readonly: bool) -> Fixture {
         let (data, disk) = mem_disk(readonly);
+        fixture_of(data, disk)
+    }
+
+    /// A fixture around a disk of the test's own; `data` is what the test
+    /// pokes at.
+    fn fixture_of(data: Arc<MemDevice>, disk: Disk) -> Fixture {
         Fixture {
             data,
             disk,
@@ -830,12 +834,8 @@ mod tests {
         });
         let (data2, f) = (
             data.clone(),
-            Fixture {
-                data: Arc::new(MemDevice::new(0)),
-                disk: disk_over(data, false),
-                mem: guest_memory(),
-                pool: RefCell::new(BufPool::default()),
-            },
+            // Its reads are counted on `data2`; nothing pokes at `data`.
+            fixture_of(Arc::new(MemDevice::new(0)), disk_over(data, false)),
         );
         fill(&f, 0, 0x42, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
@@ -923,12 +923,7 @@ mod tests {
             on_mismatch: OnMismatch::Log,
             ..EngineOptions::default()
         };
-        let f = Fixture {
-            data: data.clone(),
-            disk: disk_with(data, opts),
-            mem: guest_memory(),
-            pool: RefCell::new(BufPool::default()),
-        };
+        let f = fixture_of(data.clone(), disk_with(data, opts));
         fill(&f, 0, 0x42, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
         f.disk.engine().drain();

@@ -32,19 +32,14 @@ impl Core {
     pub(super) fn try_read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let count = self.block_count(buf.len())?;
         self.check_range(block, count)?;
-        let r = self.read_checked(block, count, buf);
-        let first = match &r {
-            Ok(bad) => bad.first().copied(),
-            Err(_) => None,
-        };
-        if r.is_err() || first.is_some() {
+        let r = self.read_checked(block, count, buf).and_then(|bad| {
+            bad.first()
+                .map_or(Ok(()), |&block| Err(EngineError::Mismatch { block }))
+        });
+        if r.is_err() {
             buf.fill(0);
         }
-        match (r, first) {
-            (Err(e), _) => Err(e),
-            (Ok(_), Some(block)) => Err(EngineError::Mismatch { block }),
-            (Ok(_), None) => Ok(()),
-        }
+        r
     }
 
     /// A scrub's read: the same verification as a guest read, but every

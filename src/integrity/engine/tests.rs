@@ -225,6 +225,19 @@ fn content_older_than_a_written_back_flush_is_caught() {
     assert!(disk.engine().read(2, &mut buf).is_err());
 }
 
+/// Rewrite blocks 1 and 3 in one batch and wait until it is written;
+/// returns their new contents.
+fn rewrite_blocks_1_and_3(e: &Engine) -> (Vec<u8>, Vec<u8>) {
+    let (a, b) = (pattern(512, 1, 2), pattern(512, 1, 3));
+    let r = e.submit(&mut [
+        Op::Write { block: 1, data: &a },
+        Op::Write { block: 3, data: &b },
+    ]);
+    assert!(r.iter().all(Result::is_ok));
+    e.drain();
+    (a, b)
+}
+
 #[test]
 fn rewriting_a_pending_block_syncs_data_once_per_batch() {
     // Without the write-back stage: the batch's own sync.
@@ -237,13 +250,7 @@ fn rewriting_a_pending_block_syncs_data_once_per_batch() {
     e.drain();
     let before = disk.data.syncs.load(Ordering::SeqCst);
     // Blocks 0..4 are Pending: rewriting two of them needs one sync.
-    let (a, b) = (pattern(512, 1, 2), pattern(512, 1, 3));
-    let r = e.submit(&mut [
-        Op::Write { block: 1, data: &a },
-        Op::Write { block: 3, data: &b },
-    ]);
-    assert!(r.iter().all(Result::is_ok));
-    e.drain();
+    let (a, _) = rewrite_blocks_1_and_3(&e);
     assert_eq!(disk.data.syncs.load(Ordering::SeqCst), before + 1);
     // Writing a Clean block needs none.
     e.write(6, &a).unwrap();
@@ -259,13 +266,7 @@ fn a_few_rewrites_through_the_stage_settle_just_their_blocks() {
     e.drain();
     assert_eq!(e.stats().pending, 4);
     let before = disk.data.syncs.load(Ordering::SeqCst);
-    let (a, b) = (pattern(512, 1, 2), pattern(512, 1, 3));
-    let r = e.submit(&mut [
-        Op::Write { block: 1, data: &a },
-        Op::Write { block: 3, data: &b },
-    ]);
-    assert!(r.iter().all(Result::is_ok));
-    e.drain();
+    let (a, b) = rewrite_blocks_1_and_3(&e);
     // One range sync per rewritten block (1 and 3 are not adjacent), and
     // blocks 0 and 2, which no sync of the whole device covered, are
     // still Pending beside the two rewrites.

@@ -281,10 +281,11 @@ impl Core {
     /// sync before its round (DESIGN §2). A few such blocks are made
     /// durable one by one first ([`Core::settle_blocks`]); beyond that,
     /// rather than wait for a sync, the thread holds such writes back in
-    /// the stage, asks the sync thread for a sync, and writes the rest. Held writes go in a later batch, after
-    /// a sync, before anything newer to their blocks. The stage is released
-    /// only up to the oldest held write, so a process death replays them
-    /// (and, harmlessly, the newer writes after them) in order.
+    /// the stage, asks the sync thread for a sync, and writes the rest.
+    /// Held writes go in a later batch, after a sync, before anything
+    /// newer to their blocks. The stage is released only up to the oldest
+    /// held write, so a process death replays them (and, harmlessly, the
+    /// newer writes after them) in order.
     pub(super) fn run_committer(&self) {
         let Some(wb) = &self.wb else {
             return;
