@@ -2,7 +2,7 @@
 //! built binary, as an operator or a script would (DESIGN §7).
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -440,6 +440,41 @@ fn check_of_a_sparse_terabyte_names_a_block_written_behind_its_back() {
     let j = json(&o);
     assert_eq!(j["mismatches"], serde_json::json!([block]));
     assert_eq!(j["checked"], (1u64 << 40) / 4096);
+}
+
+#[test]
+fn format_reserves_the_whole_table_yet_it_reads_as_one_hole() {
+    let disk = Disk::new();
+    let o = twinsum(&[
+        "format",
+        "--data",
+        s(&disk.img),
+        "--meta",
+        s(&disk.meta),
+        "--size",
+        "16G",
+    ]);
+    assert_exit(&o, 0);
+    let fs_type = Command::new("stat")
+        .args(["-f", "-c", "%T", s(&disk.meta)])
+        .output()
+        .expect("stat -f");
+    if String::from_utf8_lossy(&fs_type.stdout).trim() != "tmpfs" {
+        // 16 MiB of table: a sparse one would hold only the log (16 MiB
+        // too, written) and the superblock.
+        let m = fs::metadata(&disk.meta).expect("meta");
+        assert!(
+            m.blocks() * 512 >= m.len(),
+            "{} of {} bytes of metadata allocated",
+            m.blocks() * 512,
+            m.len()
+        );
+    }
+    // Still a fresh table: every block is a hole on both sides, checked
+    // without reading the table.
+    let o = disk.check(true);
+    assert_exit(&o, 0);
+    assert_eq!(json(&o)["checked"], (16u64 << 30) / 4096);
 }
 
 #[test]

@@ -381,6 +381,56 @@ fn next_data_reports_what_the_device_knows(s: Subject) {
     }
 }
 
+fn reserve_changes_nothing_it_reads_as(s: Subject) {
+    let writes = [(4096u64, 8192usize), (600_000, 100)];
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        s.write(offset, &pattern(offset, len, i as u8));
+    }
+    let before = (s.read(0, SIZE as usize), s.data_regions());
+    s.dev.reserve(0, SIZE).expect("reserve the whole device");
+    s.dev.reserve(SIZE, 0).expect("an empty reserve at the end");
+    assert!(
+        s.dev.reserve(SIZE - 4096, 8192).is_err(),
+        "a reserve past the end is refused"
+    );
+    // Same bytes, and no data hidden in a hole. (A file system may report
+    // a reserved range whose pages it caches as data: that costs a read,
+    // never a wrong answer.)
+    assert!(
+        s.read(0, SIZE as usize) == before.0,
+        "reserve changed the content"
+    );
+    let after = s.data_regions();
+    for (start, end) in before.1 {
+        assert!(
+            after.iter().any(|&(a, b)| a <= start && end <= b),
+            "data {start}..{end} is not in the data regions {after:?} after reserve"
+        );
+    }
+    if let Some((_, path)) = &s.file {
+        let in_memory = on_tmpfs(path);
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap());
+        if s.holes == Holes::Sparse && !in_memory {
+            // A sparse file is allocated in full now (st_blocks counts
+            // 512-byte units), so no later write of it can hit ENOSPC.
+            assert!(
+                blocks * 512 >= SIZE,
+                "{blocks} sectors allocated after reserving {SIZE} bytes"
+            );
+        }
+    }
+}
+
+/// Whether `path` is on tmpfs, where `reserve` leaves files sparse.
+fn on_tmpfs(path: &Path) -> bool {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .expect("stat -f");
+    String::from_utf8_lossy(&out.stdout).trim() == "tmpfs"
+}
+
 fn sync_makes_writes_durable(s: Subject) {
     let data = pattern(4096, 8192, 3);
     if let Some(v) = &s.volatile {
@@ -521,6 +571,7 @@ macro_rules! conformance {
                 next_data_never_hides_data,
                 next_data_reports_what_the_device_knows,
                 sync_makes_writes_durable,
+                reserve_changes_nothing_it_reads_as,
                 write_durable_round_trip,
                 write_durable_is_durable_on_return,
             );

@@ -540,3 +540,57 @@ fn bad_metadata_is_refused_by_name_and_leaves_no_stage() {
         disk.stage.display()
     );
 }
+
+/// Metadata an older twinsum formatted sparse gets its table reserved when
+/// a writer opens it: a table page synced later then allocates nothing.
+#[test]
+fn serving_reserves_a_sparse_table_and_keeps_its_pairs() {
+    let disk = Disk::new(16 << 30, 4096);
+    let table = (16u64 << 30) / 4096 * 16;
+    let d = disk.serve(&[]);
+    let mut c = Client::connect(&d.socket, 1);
+    let data = pattern(5 * MIB, 4096, 9);
+    c.q0().write(5 * MIB, &data).expect("write");
+    c.q0().flush().expect("flush");
+    drop(c);
+    assert!(d.terminate().success());
+    // Punch the table's untouched pages as a sparse format would have left
+    // them (the one written page stays).
+    let page = 4096 + (5 * MIB / 4096) * 16 / 4096 * 4096;
+    for (at, len) in [
+        (4096, page - 4096),
+        (page + 4096, table + 4096 - page - 4096),
+    ] {
+        let o = std::process::Command::new("fallocate")
+            .args(["-p", "-o", &at.to_string(), "-l", &len.to_string()])
+            .arg(&disk.meta)
+            .output()
+            .expect("fallocate -p");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let allocated =
+        || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&disk.meta).unwrap()) * 512;
+    let sparse = allocated();
+    assert!(
+        sparse < table,
+        "the punched table still holds {sparse} bytes"
+    );
+
+    let d = disk.serve(&[]);
+    let fs_type = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", s(&disk.meta)])
+        .output()
+        .expect("stat -f");
+    if String::from_utf8_lossy(&fs_type.stdout).trim() != "tmpfs" {
+        assert!(
+            allocated() >= table,
+            "{} bytes allocated for a table of {table}",
+            allocated()
+        );
+    }
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.q0().read(5 * MIB, 4096).expect("read"), data);
+    drop(c);
+    assert!(d.terminate().success());
+    assert!(disk.check(&[]).status.success());
+}

@@ -234,7 +234,10 @@ impl Disk {
                 Ok(true)
             }
             Err(e) => {
-                log::error!("{why}: cannot switch to synchronous metadata: {e}");
+                log::error!(
+                    "{why}: cannot switch to synchronous metadata: {}",
+                    crate::error::Chain(&e)
+                );
                 Err(e)
             }
         }
@@ -247,7 +250,10 @@ impl Disk {
         }
         match self.engine.leave_sync_mode() {
             Ok(()) => log::info!("{why}: leaving synchronous metadata mode"),
-            Err(e) => log::error!("{why}: cannot leave synchronous metadata mode: {e}"),
+            Err(e) => log::error!(
+                "{why}: cannot leave synchronous metadata mode: {}",
+                crate::error::Chain(&e)
+            ),
         }
     }
 
@@ -257,7 +263,7 @@ impl Disk {
             return;
         }
         if let Err(e) = self.engine.writeback() {
-            log::error!("metadata write-back failed: {e}");
+            log::error!("metadata write-back failed: {}", crate::error::Chain(&e));
         }
     }
 

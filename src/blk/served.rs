@@ -220,7 +220,10 @@ impl Served {
         let summary = match medium.power_cut(disk) {
             Ok(s) => s,
             Err(e) => {
-                log::error!("the power cut failed: {e}; stopping");
+                log::error!(
+                    "the power cut failed: {}; stopping",
+                    crate::error::Chain(&e)
+                );
                 *failed = Some(e);
                 return PowerCut::Failed;
             }
@@ -239,7 +242,10 @@ impl Served {
                 PowerCut::Done(summary)
             }
             Err(e) => {
-                log::error!("cannot reopen the disk after the power cut: {e}; stopping");
+                log::error!(
+                    "cannot reopen the disk after the power cut: {}; stopping",
+                    crate::error::Chain(&e)
+                );
                 *failed = Some(e);
                 PowerCut::Failed
             }

@@ -161,6 +161,24 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// Whether the file lives in memory (tmpfs, ramfs).
+    fn in_memory(&self) -> io::Result<bool> {
+        // SAFETY: statfs is plain integers, for which all zeros is valid.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs fills the struct it is given, from a descriptor
+        // we own.
+        if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        const TMPFS_MAGIC: u32 = 0x0102_1994;
+        const RAMFS_MAGIC: u32 = 0x8584_58f6;
+        // f_type's width differs between targets; the magics fit in 32 bits.
+        let kind = st.f_type as u32;
+        Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+    }
+}
+
 impl Device for FileDevice {
     fn size(&self) -> u64 {
         self.size
@@ -263,6 +281,36 @@ impl Device for FileDevice {
             done += n as u64;
         }
         Ok(())
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        if self.is_block || len == 0 || self.in_memory()? {
+            // A block device has its storage already; on tmpfs a reserved
+            // page is memory taken for good.
+            return Ok(());
+        }
+        // Mode 0 allocates only the holes of the range, as unwritten
+        // extents: they still read as zeros and SEEK_DATA still skips
+        // them, so a fresh table keeps costing no reads.
+        // SAFETY: fallocate on a descriptor we own with in-range values.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The file system cannot reserve: writes allocate as before.
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            _ => Err(e),
+        }
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {

@@ -42,6 +42,13 @@ pub trait Device: Send + Sync {
     }
     /// Make `len` bytes at `offset` read as zeros (hole punch, zero-out).
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Set storage aside for `len` bytes at `offset` without changing what
+    /// they read as, so later writes there cannot run out of space and
+    /// cost no block allocation when synced. Devices with nothing to set
+    /// aside do nothing.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size(), offset, len)
+    }
     /// The first region at or after `offset` that may hold non-zero data,
     /// as `(start, end)`. Devices that cannot tell report everything as data.
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {

@@ -161,6 +161,7 @@ impl Metadata {
         // table of stale pairs.
         dev.zero_range(TABLE_OFFSET, table_end - TABLE_OFFSET)
             .map_err(io_err("zeroing the pair table"))?;
+        reserve_table(&dev, sb.blocks)?;
         if sb.has_log() {
             // Written, not punched: a log in allocated, initialised blocks
             // makes each record's durable write a plain data write, with no
@@ -180,6 +181,13 @@ impl Metadata {
             .map_err(io_err("writing the superblock"))?;
         dev.sync().map_err(io_err("syncing the superblock"))?;
         Self::with_superblock(dev, sb, key, cache_pages)
+    }
+
+    /// Set aside the storage of the whole pair table (see
+    /// [`reserve_table`]); for a writer opening metadata that an older
+    /// format left sparse.
+    pub fn reserve_table(&self) -> Result<(), MetaError> {
+        reserve_table(&self.dev, self.sb.blocks)
     }
 
     /// Read and validate the superblock and the table length of an
@@ -689,6 +697,16 @@ fn read_superblock(dev: &DeviceRef) -> Result<[u8; SUPERBLOCK_SIZE], MetaError> 
     dev.read_at(&mut sector[..have], 0)
         .map_err(io_err("reading the superblock"))?;
     Ok(sector)
+}
+
+/// Set aside the storage of the pair table of `blocks` blocks. A sparse
+/// table allocates a block for every page it writes, at the next sync: on
+/// a file system with little room that sync can fail (ENOSPC) long after
+/// the write was accepted, and on a 1 TiB disk a checkpoint spends seconds
+/// in the allocator. The table still reads as zeros and as holes.
+fn reserve_table(dev: &DeviceRef, blocks: u64) -> Result<(), MetaError> {
+    dev.reserve(TABLE_OFFSET, meta_len(blocks) - TABLE_OFFSET)
+        .map_err(io_err("reserving space for the pair table"))
 }
 
 fn check_len(dev: &DeviceRef, need: u64) -> Result<(), MetaError> {

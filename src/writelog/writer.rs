@@ -347,6 +347,11 @@ impl Device for Recorded {
         Ok(())
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Nothing to record: what the device reads as does not change.
+        self.inner.reserve(offset, len)
+    }
+
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         self.inner.next_data(offset)
     }

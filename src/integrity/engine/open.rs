@@ -14,6 +14,17 @@ impl Core {
         let metadata =
             Metadata::open_with(meta.clone(), opts.cache_pages.max(16), opts.key.as_ref())?;
         metadata.check_image(data.size())?;
+        if !opts.readonly {
+            // Metadata of an older twinsum may be sparse. Serving it that
+            // way works, so a file system too full to reserve it is no
+            // reason to refuse the disk.
+            if let Err(e) = metadata.reserve_table() {
+                warn!(
+                    "{}; table pages allocate as they are written",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
         let sb = metadata.superblock().clone();
         if !sb.clean {
             warn!(

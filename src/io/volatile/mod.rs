@@ -389,6 +389,12 @@ impl Device for VolatileDevice {
         )
     }
 
+    /// Reserving changes no content: nothing for the cache to hold.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.supplied()?;
+        self.inner.reserve(offset, len)
+    }
+
     /// The inner device's data regions, widened by cached units: a cached
     /// unit may hold data where the durable image has a hole.
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
