@@ -863,6 +863,106 @@ mod tests {
         assert_eq!(stats.reads, reads + 1, "one guest read, counted once");
     }
 
+    /// A data device that, once armed, shrinks the guest's memory file to
+    /// nothing right after a read filled the buffer: what the engine does
+    /// next with that buffer (the in-place hash) faults.
+    struct Shrinking {
+        inner: MemDevice,
+        file: std::fs::File,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Device for Shrinking {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)?;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.file.set_len(0)?;
+            }
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.zero_range(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_fault_while_verifying_in_place_fails_the_read_and_is_no_mismatch() {
+        // Data that the zero page (what a fault leaves mapped) does not
+        // match, and data it does: only the fault itself tells the second
+        // read that its buffer is gone.
+        for byte in [0x42, 0] {
+            fault_while_verifying_in_place(byte);
+        }
+    }
+
+    fn fault_while_verifying_in_place(byte: u8) {
+        use vm_memory::FileOffset;
+        let name = std::ffi::CString::new("inplace-fault").unwrap();
+        // SAFETY: a valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // The data buffers (buf(k)) in a region of their own over the
+        // memfd; rings, headers and status bytes in anonymous memory.
+        let (lo, hi) = (buf(0), status(0));
+        file.set_len(hi - lo).unwrap();
+        let mem = GuestMemoryMmap::from_ranges_with_files([
+            (GuestAddress(0), lo as usize, None),
+            (
+                GuestAddress(lo),
+                (hi - lo) as usize,
+                Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            ),
+            (GuestAddress(hi), 0x100_0000 - hi as usize, None),
+        ])
+        .unwrap();
+        crate::blk::guestmem::register(&mem).unwrap();
+        let data = Arc::new(Shrinking {
+            inner: MemDevice::new(u64::from(BS) * BLOCKS),
+            file,
+            armed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let f = Fixture {
+            data: Arc::new(MemDevice::new(0)),
+            disk: disk_over(data.clone(), false),
+            mem,
+            pool: RefCell::new(BufPool::default()),
+        };
+        fill(&f, 0, byte, 8192);
+        run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
+        f.disk.engine().drain();
+
+        data.armed.store(true, Ordering::SeqCst);
+        let used = run(&f, &[req(VIRTIO_BLK_T_IN, 8, 8192)], false);
+        assert!(!data.armed.load(Ordering::SeqCst), "the read went in place");
+        assert_eq!(used.len(), 1);
+        assert_eq!(
+            status_of_req(&f, 0),
+            VIRTIO_BLK_S_IOERR as u8,
+            "{byte:#x}: the buffer is gone: the read cannot complete OK"
+        );
+        let stats = f.disk.engine().stats();
+        assert_eq!(stats.mismatches, 0, "a fault is not bad data");
+        assert!(f.disk.engine().recent_mismatches().is_empty());
+        // The disk itself is fine: read into memory that still exists.
+        let mut back = vec![0u8; 8192];
+        f.disk
+            .engine()
+            .read(8 * 512 / u64::from(BS), &mut back)
+            .unwrap();
+        assert_eq!(back, vec![byte; 8192]);
+    }
+
     /// Run one read of `segs` (guest address, length) at `sector` as a
     /// batch of its own.
     fn run_read_into(f: &Fixture, sector: u64, segs: &[(u64, u32)]) -> Vec<Used> {
