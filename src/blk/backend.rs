@@ -40,7 +40,8 @@ use super::config::{self, ConfigSpace};
 use super::execute::{BufPool, Disk, Used};
 use super::fanout;
 use super::guestmem;
-use super::request::{Kind, ParseError, Request};
+use super::inplace;
+use super::request::{Kind, ParseError, Request, Segment};
 
 /// Guest memory as the vhost-user crates share it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -257,7 +258,7 @@ impl BlkBackend {
         let write_through = self.write_through();
         let mut stall = None;
         let mut first = parsed;
-        let second = match read_split(&first) {
+        let second = match read_split(&*mem, &first) {
             Some(cut) => first.split_off(cut),
             None => Vec::new(),
         };
@@ -365,7 +366,10 @@ const SPLIT_BYTES: usize = 512 << 10;
 /// Where to cut a pass so both halves read about as many bytes, if it is
 /// worth splitting: at least two reads and [`SPLIT_BYTES`], and nothing
 /// but reads (writes, zeroes and flushes keep their order in one thread).
-fn read_split(parsed: &[Result<Request, ParseError>]) -> Option<usize> {
+fn read_split<M: GuestMemory + ?Sized>(
+    mem: &M,
+    parsed: &[Result<Request, ParseError>],
+) -> Option<usize> {
     let mut total = 0;
     let mut reads = 0;
     for r in parsed.iter().flatten() {
@@ -390,6 +394,26 @@ fn read_split(parsed: &[Result<Request, ParseError>]) -> Option<usize> {
         })
         .map(|i| i + 1)
         .filter(|&cut| cut < parsed.len())
+        // Each half claims its in-place buffers on its own thread.
+        .filter(|&cut| {
+            !inplace::share_memory(
+                mem,
+                &read_buffers(&parsed[..cut]),
+                &read_buffers(&parsed[cut..]),
+            )
+        })
+}
+
+/// The guest buffers of the reads among `parsed`.
+fn read_buffers(parsed: &[Result<Request, ParseError>]) -> Vec<&[Segment]> {
+    parsed
+        .iter()
+        .flatten()
+        .filter_map(|r| match &r.kind {
+            Kind::Read { data, .. } => Some(data.as_slice()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Where the first completion group of `parsed` ends: after about
@@ -751,7 +775,7 @@ mod tests {
             .map(|k| req(VIRTIO_BLK_T_IN, sectors(k), len))
             .collect();
         assert!(
-            read_split(&parse(&mem, &reads)).is_some(),
+            read_split(&*mem, &parse(&mem, &reads)).is_some(),
             "the pass is split"
         );
         for _ in 0..8 {
@@ -787,17 +811,35 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // Eight 64 KiB reads: the cut falls after the fourth (half the bytes).
-        assert_eq!(read_split(&parse(&mem, &big(8, 64 << 10))), Some(4));
+        assert_eq!(read_split(&*mem, &parse(&mem, &big(8, 64 << 10))), Some(4));
         // A ring of 4 KiB reads stays on its worker.
-        assert_eq!(read_split(&parse(&mem, &big(32, 4096))), None);
+        assert_eq!(read_split(&*mem, &parse(&mem, &big(32, 4096))), None);
         // A write or a flush keeps the pass in one thread.
         let mut with_write = big(8, 64 << 10);
         with_write.push(req(VIRTIO_BLK_T_OUT, 0, 4096));
-        assert_eq!(read_split(&parse(&mem, &with_write)), None);
+        assert_eq!(read_split(&*mem, &parse(&mem, &with_write)), None);
         let mut with_flush = big(8, 64 << 10);
         with_flush.insert(3, req(VIRTIO_BLK_T_FLUSH, 0, 0));
-        assert_eq!(read_split(&parse(&mem, &with_flush)), None);
-        assert_eq!(read_split(&[]), None);
+        assert_eq!(read_split(&*mem, &parse(&mem, &with_flush)), None);
+        assert_eq!(read_split(&*mem, &[]), None);
+        // Two reads, one in each half, into the same guest bytes: each
+        // half would claim them in place on its own thread.
+        let mut shared = parse(&mem, &big(8, 64 << 10));
+        let first = match &shared[0] {
+            Ok(Request {
+                kind: Kind::Read { data, .. },
+                ..
+            }) => data.clone(),
+            other => panic!("not a read: {other:?}"),
+        };
+        if let Ok(Request {
+            kind: Kind::Read { data, .. },
+            ..
+        }) = &mut shared[6]
+        {
+            *data = first;
+        }
+        assert_eq!(read_split(&*mem, &shared), None);
     }
 
     #[test]

@@ -68,6 +68,43 @@ impl Claims {
     }
 }
 
+/// Whether any byte of guest memory lies in a read buffer of both `a` and
+/// `b` (by host address, as [`Claims`] compares), or cannot be told. The halves of a pass that two threads read in place
+/// must not share one: each thread's [`Claims`] sees only its own half.
+pub fn share_memory<M: GuestMemory + ?Sized>(mem: &M, a: &[&[Segment]], b: &[&[Segment]]) -> bool {
+    let ranges = |reads: &[&[Segment]]| -> Option<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        for s in reads.iter().flat_map(|segs| segs.iter()) {
+            for slice in mem
+                .get_slices(s.addr, s.len as usize, Permissions::Write)
+                .ok()?
+            {
+                let slice = slice.ok()?;
+                let start = slice.ptr_guard_mut().as_ptr() as usize;
+                out.push((start, start + slice.len()));
+            }
+        }
+        out.sort_unstable();
+        Some(out)
+    };
+    let (Some(a), Some(b)) = (ranges(a), ranges(b)) else {
+        return true;
+    };
+    // Both sorted: walk them together.
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].0 < b[j].1 && b[j].0 < a[i].1 {
+            return true;
+        }
+        if a[i].1 <= b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    false
+}
+
 /// The guest buffers `data` of a read of `len` bytes as host pieces of
 /// whole `block_size` blocks, claimed in `claims`, or `None` when the read
 /// should go through a buffer of ours (pieces too small or not whole
@@ -154,6 +191,30 @@ mod tests {
 
     fn lens(p: Option<Vec<Piece>>) -> Option<Vec<usize>> {
         p.map(|v| v.iter().map(|p| p.len).collect())
+    }
+
+    #[test]
+    fn halves_share_memory_where_their_buffers_overlap() {
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 20), 1 << 20),
+        ])
+        .unwrap();
+        let share = |a: &[Segment], b: &[Segment]| share_memory(&mem, &[a], &[b]);
+        assert!(!share(&[seg(0, 65536)], &[seg(65536, 65536)]), "adjacent");
+        assert!(share(&[seg(0, 65536)], &[seg(61440, 8192)]), "overlapping");
+        // Several buffers a side, the overlap between the last ones, one
+        // of them across the two regions.
+        assert!(share(
+            &[seg(1 << 20, 4096), seg((1 << 20) - 4096, 8192)],
+            &[seg(8192, 4096), seg(1 << 20, 4096)]
+        ));
+        assert!(!share(
+            &[seg(1 << 20, 4096), seg(0, 4096)],
+            &[seg((1 << 20) + 4096, 4096), seg(4096, 4096)]
+        ));
+        // Memory outside the table: cannot tell, so treated as shared.
+        assert!(share(&[seg(0, 4096)], &[seg(8 << 20, 4096)]));
     }
 
     #[test]
