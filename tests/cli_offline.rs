@@ -42,15 +42,17 @@ impl Disk {
     }
 
     fn format(&self, block_size: u64) -> Output {
-        twinsum(&[
-            "format",
-            "--data",
-            s(&self.img),
-            "--meta",
-            s(&self.meta),
-            "--block-size",
-            &block_size.to_string(),
-        ])
+        self.format_with(&["--block-size", &block_size.to_string()])
+    }
+
+    /// `format --size SIZE`, IMG created sparse if it does not exist.
+    fn format_sized(&self, size: &str) -> Output {
+        self.format_with(&["--size", size])
+    }
+
+    fn format_with(&self, extra: &[&str]) -> Output {
+        let args = ["format", "--data", s(&self.img), "--meta", s(&self.meta)];
+        twinsum(&[&args[..], extra].concat())
     }
 
     fn check(&self, json: bool) -> Output {
@@ -295,15 +297,7 @@ fn format_refuses_a_non_empty_file_as_metadata() {
 #[test]
 fn format_with_size_creates_a_sparse_image() {
     let disk = Disk::new();
-    let o = twinsum(&[
-        "format",
-        "--data",
-        s(&disk.img),
-        "--meta",
-        s(&disk.meta),
-        "--size",
-        "1G",
-    ]);
+    let o = disk.format_sized("1G");
     assert_exit(&o, 0);
     let img = fs::metadata(&disk.img).expect("image");
     assert_eq!(img.len(), 1 << 30);
@@ -339,15 +333,7 @@ fn format_with_size_creates_a_sparse_image() {
 fn format_refuses_a_size_that_differs_from_the_image() {
     let disk = Disk::new();
     disk.write_known_data(4096, 8);
-    let o = twinsum(&[
-        "format",
-        "--data",
-        s(&disk.img),
-        "--meta",
-        s(&disk.meta),
-        "--size",
-        "1M",
-    ]);
+    let o = disk.format_sized("1M");
     assert_exit(&o, 2);
     assert!(!disk.meta.exists(), "nothing written");
 }
@@ -414,15 +400,7 @@ fn two_formats_use_different_salts() {
 #[test]
 fn check_of_a_sparse_terabyte_names_a_block_written_behind_its_back() {
     let disk = Disk::new();
-    let o = twinsum(&[
-        "format",
-        "--data",
-        s(&disk.img),
-        "--meta",
-        s(&disk.meta),
-        "--size",
-        "1T",
-    ]);
+    let o = disk.format_sized("1T");
     assert_exit(&o, 0);
     let block = (1u64 << 40) / 4096 - 12345;
     let f = OpenOptions::new()
@@ -441,15 +419,7 @@ fn check_of_a_sparse_terabyte_names_a_block_written_behind_its_back() {
 #[test]
 fn format_reserves_the_whole_table_yet_it_reads_as_one_hole() {
     let disk = Disk::new();
-    let o = twinsum(&[
-        "format",
-        "--data",
-        s(&disk.img),
-        "--meta",
-        s(&disk.meta),
-        "--size",
-        "16G",
-    ]);
+    let o = disk.format_sized("16G");
     assert_exit(&o, 0);
     let fs_type = Command::new("stat")
         .args(["-f", "-c", "%T", s(&disk.meta)])

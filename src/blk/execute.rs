@@ -797,28 +797,33 @@ mod tests {
         assert_eq!(f.disk.engine().stats().mismatches, 1);
     }
 
-    /// A data device whose next `scribbles` reads come back with a byte
-    /// changed, as a guest writing into its read buffer while the read
-    /// runs in place makes it look.
-    struct Scribbled {
+    /// A data device that runs `hook` on every buffer a read filled, to
+    /// do to it what a guest or its memory could meanwhile.
+    struct AfterRead<F> {
         inner: MemDevice,
-        scribbles: AtomicUsize,
-        reads: AtomicUsize,
+        hook: F,
     }
 
-    impl Device for Scribbled {
+    fn after_read<F>(hook: F) -> Arc<AfterRead<F>>
+    where
+        F: Fn(&mut [u8]) -> std::io::Result<()> + Send + Sync,
+    {
+        Arc::new(AfterRead {
+            inner: MemDevice::new(u64::from(BS) * BLOCKS),
+            hook,
+        })
+    }
+
+    impl<F> Device for AfterRead<F>
+    where
+        F: Fn(&mut [u8]) -> std::io::Result<()> + Send + Sync,
+    {
         fn size(&self) -> u64 {
             self.inner.size()
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             self.inner.read_at(buf, offset)?;
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            let left = self.scribbles.load(Ordering::SeqCst);
-            if left > 0 {
-                self.scribbles.store(left - 1, Ordering::SeqCst);
-                buf[buf.len() / 2] ^= 0x5a;
-            }
-            Ok(())
+            (self.hook)(buf)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
             self.inner.write_at(buf, offset)
@@ -833,65 +838,43 @@ mod tests {
 
     #[test]
     fn a_read_spoilt_in_place_is_read_again_and_is_no_mismatch() {
-        let data = Arc::new(Scribbled {
-            inner: MemDevice::new(u64::from(BS) * BLOCKS),
-            scribbles: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
+        // Its next `scribbles` reads come back with a byte changed, as a
+        // guest writing into its read buffer while the read runs in place
+        // makes it look.
+        let scribbles = Arc::new(AtomicUsize::new(0));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let data = after_read({
+            let (scribbles, reads) = (scribbles.clone(), reads.clone());
+            move |buf: &mut [u8]| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                let left = scribbles.load(Ordering::SeqCst);
+                if left > 0 {
+                    scribbles.store(left - 1, Ordering::SeqCst);
+                    buf[buf.len() / 2] ^= 0x5a;
+                }
+                Ok(())
+            }
         });
-        let (data2, f) = (
-            data.clone(),
-            // Its reads are counted on `data2`; nothing pokes at `data`.
-            fixture_of(Arc::new(MemDevice::new(0)), disk_over(data, false)),
-        );
+        // Nothing pokes at the data device.
+        let f = fixture_of(Arc::new(MemDevice::new(0)), disk_over(data, false));
         fill(&f, 0, 0x42, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
         f.disk.engine().drain();
-        let reads = f.disk.engine().stats().reads;
-        data2.scribbles.store(1, Ordering::SeqCst);
-        let before = data2.reads.load(Ordering::SeqCst);
+        let counted = f.disk.engine().stats().reads;
+        scribbles.store(1, Ordering::SeqCst);
+        let before = reads.load(Ordering::SeqCst);
         fill(&f, 0, 0xee, 8192);
         run(&f, &[req(VIRTIO_BLK_T_IN, 8, 8192)], false);
         assert_eq!(status_of_req(&f, 0), 0, "the second read verified");
         assert_eq!(guest(&f, 0, 8192), vec![0x42; 8192]);
         assert_eq!(
-            data2.reads.load(Ordering::SeqCst) - before,
+            reads.load(Ordering::SeqCst) - before,
             2,
             "read in place, then again through a buffer of ours"
         );
         let stats = f.disk.engine().stats();
         assert_eq!(stats.mismatches, 0, "a spoilt buffer is not bad data");
-        assert_eq!(stats.reads, reads + 1, "one guest read, counted once");
-    }
-
-    /// A data device that, once armed, shrinks the guest's memory file to
-    /// nothing right after a read filled the buffer: what the engine does
-    /// next with that buffer (the in-place hash) faults.
-    struct Shrinking {
-        inner: MemDevice,
-        file: std::fs::File,
-        armed: std::sync::atomic::AtomicBool,
-    }
-
-    impl Device for Shrinking {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            self.inner.read_at(buf, offset)?;
-            if self.armed.swap(false, Ordering::SeqCst) {
-                self.file.set_len(0)?;
-            }
-            Ok(())
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.inner.write_at(buf, offset)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
-            self.inner.zero_range(offset, len)
-        }
+        assert_eq!(stats.reads, counted + 1, "one guest read, counted once");
     }
 
     #[test]
@@ -927,24 +910,28 @@ mod tests {
         ])
         .unwrap();
         crate::blk::guestmem::register(&mem).unwrap();
-        let data = Arc::new(Shrinking {
-            inner: MemDevice::new(u64::from(BS) * BLOCKS),
-            file,
-            armed: std::sync::atomic::AtomicBool::new(false),
+        // Once armed, the data device shrinks the guest's memory file to
+        // nothing right after a read filled the buffer: what the engine
+        // does next with that buffer (the in-place hash) faults.
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let data = after_read({
+            let armed = armed.clone();
+            move |_: &mut [u8]| {
+                if armed.swap(false, Ordering::SeqCst) {
+                    file.set_len(0)?;
+                }
+                Ok(())
+            }
         });
-        let f = Fixture {
-            data: Arc::new(MemDevice::new(0)),
-            disk: disk_over(data.clone(), false),
-            mem,
-            pool: RefCell::new(BufPool::default()),
-        };
+        let mut f = fixture_of(Arc::new(MemDevice::new(0)), disk_over(data, false));
+        f.mem = mem;
         fill(&f, 0, byte, 8192);
         run(&f, &[req(VIRTIO_BLK_T_OUT, 8, 8192)], false);
         f.disk.engine().drain();
 
-        data.armed.store(true, Ordering::SeqCst);
+        armed.store(true, Ordering::SeqCst);
         let used = run(&f, &[req(VIRTIO_BLK_T_IN, 8, 8192)], false);
-        assert!(!data.armed.load(Ordering::SeqCst), "the read went in place");
+        assert!(!armed.load(Ordering::SeqCst), "the read went in place");
         assert_eq!(used.len(), 1);
         assert_eq!(
             status_of_req(&f, 0),

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::guestmem;
 use super::request::Segment;
@@ -69,19 +69,15 @@ impl Claims {
 }
 
 /// Whether any byte of guest memory lies in a read buffer of both `a` and
-/// `b` (by host address, as [`Claims`] compares), or cannot be told. The halves of a pass that two threads read in place
-/// must not share one: each thread's [`Claims`] sees only its own half.
+/// `b` (by host address, as [`Claims`] compares), or cannot be told. The
+/// halves of a pass that two threads read in place must not share one:
+/// each thread's [`Claims`] sees only its own half.
 pub fn share_memory<M: GuestMemory + ?Sized>(mem: &M, a: &[&[Segment]], b: &[&[Segment]]) -> bool {
     let ranges = |reads: &[&[Segment]]| -> Option<Vec<(usize, usize)>> {
         let mut out = Vec::new();
         for s in reads.iter().flat_map(|segs| segs.iter()) {
-            for slice in mem
-                .get_slices(s.addr, s.len as usize, Permissions::Write)
-                .ok()?
-            {
-                let slice = slice.ok()?;
-                let start = slice.ptr_guard_mut().as_ptr() as usize;
-                out.push((start, start + slice.len()));
+            for p in host_pieces(mem, s.addr, s.len as usize)? {
+                out.push((p.ptr as usize, p.ptr as usize + p.len));
             }
         }
         out.sort_unstable();
@@ -103,6 +99,26 @@ pub fn share_memory<M: GuestMemory + ?Sized>(mem: &M, a: &[&[Segment]], b: &[&[S
         }
     }
     false
+}
+
+/// The host memory behind `len` bytes of guest memory at `addr`, one
+/// piece per region it crosses; `None` if any of it is outside the table
+/// or not writable.
+fn host_pieces<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<Vec<Piece>> {
+    mem.get_slices(addr, len, Permissions::Write)
+        .ok()?
+        .map(|slice| {
+            let slice = slice.ok()?;
+            Some(Piece {
+                ptr: slice.ptr_guard_mut().as_ptr(),
+                len: slice.len(),
+            })
+        })
+        .collect()
 }
 
 /// The guest buffers `data` of a read of `len` bytes as host pieces of
@@ -127,16 +143,11 @@ pub fn pieces<M: GuestMemory + ?Sized>(
         if guestmem::poisoned(mem, s.addr, n) {
             return None;
         }
-        for slice in mem.get_slices(s.addr, n, Permissions::Write).ok()? {
-            let slice = slice.ok()?;
-            if slice.len() % block_size != 0 {
-                return None;
-            }
-            pieces.push(Piece {
-                ptr: slice.ptr_guard_mut().as_ptr(),
-                len: slice.len(),
-            });
+        let host = host_pieces(mem, s.addr, n)?;
+        if host.iter().any(|p| p.len % block_size != 0) {
+            return None;
         }
+        pieces.extend(host);
         left -= n;
     }
     let small = pieces.len() > 1 && pieces.iter().any(|p| p.len < MIN_PIECE);
