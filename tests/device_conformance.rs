@@ -422,13 +422,26 @@ fn reserve_changes_nothing_it_reads_as(s: Subject) {
 }
 
 /// Whether `path` is on tmpfs, where `reserve` leaves files sparse.
+///
+/// Asked with `statfs` rather than by running `stat -f`: a fork from one
+/// test thread holds every open descriptor until its exec, so it would
+/// keep another test's `flock` alive across that test's close and reopen.
 fn on_tmpfs(path: &Path) -> bool {
-    let out = std::process::Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(path)
-        .output()
-        .expect("stat -f");
-    String::from_utf8_lossy(&out.stdout).trim() == "tmpfs"
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
+    // SAFETY: statfs is plain integers, for which all zeros is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a live statfs for it to fill.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    assert_eq!(
+        rc,
+        0,
+        "statfs {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    st.f_type as i64 == TMPFS_MAGIC
 }
 
 fn sync_makes_writes_durable(s: Subject) {
