@@ -8,11 +8,12 @@
 //! itself — but only while a core is idle: with every core busy serving
 //! queues already, a hand-off only adds switches.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread;
 
 use log::warn;
-use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// Threads busy now: queue workers draining their ring (polling
 /// included) and helpers running their half.
@@ -39,42 +40,247 @@ fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The helpers every disk and queue share, or `None` on a single core (or
-/// if they could not be started: then everything runs on the worker).
-fn pool() -> Option<&'static ThreadPool> {
-    static POOL: OnceLock<Option<ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        if cores() < 2 {
-            return None;
+/// Half a pass, its borrows erased: [`join`] does not return or unwind
+/// before the helper has run and dropped it.
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// What the worker and the helper share.
+#[derive(Default)]
+struct Slot {
+    /// A half handed over and not yet taken.
+    job: Option<Job>,
+    /// A half the helper took and has not finished.
+    running: bool,
+    /// A worker is waiting in [`join`]: the helper takes no other job.
+    owned: bool,
+}
+
+/// A helper thread that sleeps until a worker hands it half a pass.
+/// Parked on a condition variable rather than spinning: on two cores a
+/// spinning helper takes time from the worker and the client it serves.
+struct Helper {
+    slot: Mutex<Slot>,
+    /// Signalled when a job arrives (the helper waits) and when one is
+    /// done (the worker waits).
+    changed: Condvar,
+}
+
+impl Helper {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn serve(&self) {
+        let mut slot = self.lock();
+        loop {
+            let Some(job) = slot.job.take() else {
+                slot = self
+                    .changed
+                    .wait(slot)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            slot.running = true;
+            drop(slot);
+            {
+                let _busy = Busy::enter();
+                job();
+            }
+            slot = self.lock();
+            slot.running = false;
+            self.changed.notify_all();
         }
-        ThreadPoolBuilder::new()
-            .num_threads(cores())
-            .thread_name(|i| format!("twinsum-read-{i}"))
-            .build()
-            .inspect_err(|e| warn!("cannot start read helpers, reads stay on their queue: {e}"))
-            .ok()
+    }
+}
+
+/// The helpers every disk and queue share, one per core but one (each
+/// worker does half of its pass itself); none on a single core, and
+/// fewer if some could not be started (then more runs on the workers).
+fn helpers() -> &'static [&'static Helper] {
+    static HELPERS: OnceLock<Vec<&'static Helper>> = OnceLock::new();
+    HELPERS.get_or_init(|| {
+        (1..cores())
+            .map_while(|i| {
+                let helper: &'static Helper = Box::leak(Box::new(Helper {
+                    slot: Mutex::new(Slot::default()),
+                    changed: Condvar::new(),
+                }));
+                thread::Builder::new()
+                    .name(format!("twinsum-read-{i}"))
+                    .spawn(move || helper.serve())
+                    .inspect_err(|e| warn!("cannot start read helper {i}: {e}"))
+                    .ok()
+                    .map(|_| helper)
+            })
+            .collect()
     })
-    .as_ref()
+}
+
+/// Waits, even while `a` unwinds, until the helper is done with the job
+/// that borrows from the caller's frame.
+struct Reclaim<'h> {
+    helper: &'h Helper,
+    done: bool,
+}
+
+impl Reclaim<'_> {
+    /// The job back if the helper never took it, else `None` once it ran.
+    fn finish(&mut self) -> Option<Job> {
+        self.done = true;
+        let mut slot = self.helper.lock();
+        let job = slot.job.take();
+        while slot.running {
+            slot = self
+                .helper
+                .changed
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        slot.owned = false;
+        job
+    }
+}
+
+impl Drop for Reclaim<'_> {
+    fn drop(&mut self) {
+        // Left undone only when `a` panicked, with the job still
+        // borrowing this frame.
+        if !self.done {
+            drop(self.finish());
+        }
+    }
 }
 
 /// Run `a` on this thread and `b` on a helper if a core is idle (the
-/// caller holds a [`Busy`]), else both here; return both results.
+/// caller holds a [`Busy`]) and a helper is free, else both here;
+/// return both results. A panic in `b` is raised here.
 pub fn join<RA, RB>(a: impl FnOnce() -> RA, b: impl FnOnce() -> RB + Send) -> (RA, RB)
 where
     RB: Send,
 {
-    let pool = pool().filter(|_| ACTIVE.load(Ordering::Relaxed) < cores());
-    let Some(pool) = pool else {
+    if ACTIVE.load(Ordering::Relaxed) >= cores() {
         return (a(), b());
-    };
-    let mut rb = None;
-    let ra = pool.in_place_scope(|s| {
-        s.spawn(|_| {
-            let _busy = Busy::enter();
-            rb = Some(b());
-        });
-        a()
+    }
+    let mut rb: Option<thread::Result<RB>> = None;
+    let out = &mut rb;
+    let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+        *out = Some(panic::catch_unwind(AssertUnwindSafe(b)));
     });
-    // The scope returns only after `b` ran (a panic in it is re-raised).
-    (ra, rb.expect("the helper ran"))
+    let free = helpers().iter().find_map(|helper| {
+        let slot = helper.lock();
+        (!slot.owned).then_some((*helper, slot))
+    });
+    let Some((helper, mut slot)) = free else {
+        // Every helper is taken by another queue's worker: run both here.
+        let ra = a();
+        job();
+        return (ra, unwrap_half(rb));
+    };
+    // SAFETY: the job borrows `rb` and what `b` captured, all of which
+    // outlive this call; `Reclaim` makes this frame wait, on return and on
+    // unwind alike, until the helper has dropped the job or handed it
+    // back, so it never runs after they are gone.
+    let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
+    slot.job = Some(job);
+    slot.owned = true;
+    helper.changed.notify_all();
+    drop(slot);
+    let mut reclaim = Reclaim {
+        helper,
+        done: false,
+    };
+    let ra = a();
+    if let Some(job) = reclaim.finish() {
+        // The helper did not get to it: cheaper to run it here than to wait.
+        job();
+    }
+    drop(reclaim);
+    (ra, unwrap_half(rb))
+}
+
+fn unwrap_half<R>(r: Option<thread::Result<R>>) -> R {
+    match r.expect("the second half ran") {
+        Ok(r) => r,
+        Err(panic) => panic::resume_unwind(panic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{self, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    use super::join;
+
+    #[test]
+    fn both_halves_run_and_return_what_they_borrowed() {
+        let data: Vec<u64> = (0..10_000).collect();
+        let (left, right) = data.split_at(4_000);
+        for _ in 0..200 {
+            let (a, b) = join(|| left.iter().sum::<u64>(), || right.iter().sum::<u64>());
+            assert_eq!(a + b, data.iter().sum::<u64>());
+            assert_eq!(a, left.iter().sum::<u64>());
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_second_half_is_raised_by_join() {
+        let r = panic::catch_unwind(|| join(|| 1, || -> u32 { panic!("second half failed") }));
+        let payload = r.expect_err("join returned past a panic");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"second half failed"));
+        // The helper survives it.
+        assert_eq!(join(|| 2, || 3), (2, 3));
+    }
+
+    #[test]
+    fn a_panic_in_the_first_half_waits_for_the_second() {
+        for _ in 0..300 {
+            let started = AtomicBool::new(false);
+            let finished = AtomicBool::new(false);
+            let (tx, rx) = mpsc::channel::<()>();
+            let (started, finished) = (&started, &finished);
+            let r = panic::catch_unwind(AssertUnwindSafe(|| {
+                join(
+                    || {
+                        tx.send(()).expect("the second half listens");
+                        panic!("first half failed")
+                    },
+                    move || {
+                        started.store(true, Ordering::SeqCst);
+                        // Still running when the first half unwinds.
+                        rx.recv().expect("the first half sends");
+                        for _ in 0..1000 {
+                            std::thread::yield_now();
+                        }
+                        finished.store(true, Ordering::SeqCst);
+                    },
+                )
+            }));
+            assert!(r.is_err());
+            // Whatever borrowed this frame is done with it: the second
+            // half ran to its end, or never began.
+            assert_eq!(
+                started.load(Ordering::SeqCst),
+                finished.load(Ordering::SeqCst),
+                "join unwound while its second half was still running"
+            );
+        }
+    }
+
+    #[test]
+    fn workers_of_several_queues_share_the_helpers() {
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    for i in 0..2_000u64 {
+                        let v = vec![t; 64];
+                        let (a, b) = join(|| v[..32].iter().sum::<u64>() + i, || v[32..].to_vec());
+                        assert_eq!(a, 32 * t + i);
+                        assert_eq!(b, vec![t; 32]);
+                    }
+                });
+            }
+        });
+    }
 }
