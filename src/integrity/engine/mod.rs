@@ -81,10 +81,7 @@ pub struct EngineOptions {
     pub readonly: bool,
     /// Past this many Pending blocks the engine syncs the data device
     /// itself. It bounds the window of weakened detection and the memory
-    /// the Pending set takes (about 32 bytes a block). The default, 2^20,
-    /// is 4 GiB of 4 KiB blocks: a guest writing at random over a large
-    /// sparse image for seconds meets no sync of the whole device (each
-    /// one allocates everything written since the last) before its FLUSH.
+    /// the Pending set takes. See [`DEFAULT_PENDING_LIMIT`].
     pub pending_limit: usize,
     /// Metadata cache size in 4 KiB pages.
     pub cache_pages: usize,
@@ -105,12 +102,25 @@ pub struct EngineOptions {
 /// Default bound of the write-back stage.
 pub const DEFAULT_STAGE_BYTES: u64 = 128 << 20;
 
+/// Default [`EngineOptions::pending_limit`]: 3 GiB of 4 KiB blocks, so a
+/// guest writing at random over a large sparse image for many seconds
+/// meets no sync of the whole device (each one allocates everything
+/// written since the last) before its own FLUSH.
+///
+/// Also kept below what a hash table of 2^20 buckets holds (7/8 of them)
+/// less a full stage of 4 KiB writes, by which one round may overshoot
+/// the limit: the Pending set then never doubles to 2^21 buckets (about
+/// 50 MiB more, and 75 MiB while it moves), which would take serving a
+/// 1 TiB disk past its 256 MiB memory bound. 2^20 itself did, in a long
+/// enough run of random writes.
+pub const DEFAULT_PENDING_LIMIT: usize = 3 << 18;
+
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             on_mismatch: OnMismatch::Error,
             readonly: false,
-            pending_limit: 1 << 20,
+            pending_limit: DEFAULT_PENDING_LIMIT,
             cache_pages: 16384,
             write_cache: true,
             stage_bytes: DEFAULT_STAGE_BYTES,

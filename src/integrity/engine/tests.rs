@@ -761,3 +761,27 @@ fn a_large_round_of_scattered_blocks_lands_every_block() {
         assert_eq!(raw, back, "device block {b}");
     }
 }
+
+#[test]
+fn the_default_pending_limit_never_doubles_the_pending_set() {
+    // As many Pending blocks as the limit allows, plus one round of a
+    // full stage of 4 KiB writes past it (checked only after a round).
+    let most = DEFAULT_PENDING_LIMIT + (DEFAULT_STAGE_BYTES / 4096) as usize;
+    let mut pending: std::collections::HashMap<u64, pairs::PendingBlock> = Default::default();
+    for b in 0..most as u64 {
+        pending.insert(
+            b,
+            pairs::PendingBlock {
+                inflight: 0,
+                completed: b,
+            },
+        );
+    }
+    // std's table holds 7/8 of its buckets: past 917,504 entries it moves
+    // to 2^21 buckets.
+    assert!(
+        pending.capacity() <= (1 << 20) / 8 * 7,
+        "{most} Pending blocks grew the set to room for {}",
+        pending.capacity()
+    );
+}
