@@ -9,9 +9,10 @@
 //! queues already, a hand-off only adds switches.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use log::warn;
 
@@ -40,6 +41,10 @@ fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// How long a worker that finished its half watches for the helper to
+/// finish the other before it sleeps.
+const HELPER_SPIN: Duration = Duration::from_micros(40);
+
 /// Half a pass, its borrows erased: [`join`] does not return or unwind
 /// before the helper has run and dropped it.
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -60,6 +65,8 @@ struct Slot {
 /// spinning helper takes time from the worker and the client it serves.
 struct Helper {
     slot: Mutex<Slot>,
+    /// `Slot::running`, readable without the lock for a short spin.
+    working: AtomicBool,
     /// Signalled when a job arrives (the helper waits) and when one is
     /// done (the worker waits).
     changed: Condvar,
@@ -81,11 +88,13 @@ impl Helper {
                 continue;
             };
             slot.running = true;
+            self.working.store(true, Ordering::Release);
             drop(slot);
             {
                 let _busy = Busy::enter();
                 job();
             }
+            self.working.store(false, Ordering::Release);
             slot = self.lock();
             slot.running = false;
             self.changed.notify_all();
@@ -103,6 +112,7 @@ fn helpers() -> &'static [&'static Helper] {
             .map_while(|i| {
                 let helper: &'static Helper = Box::leak(Box::new(Helper {
                     slot: Mutex::new(Slot::default()),
+                    working: Default::default(),
                     changed: Condvar::new(),
                 }));
                 thread::Builder::new()
@@ -129,6 +139,17 @@ impl Reclaim<'_> {
         self.done = true;
         let mut slot = self.helper.lock();
         let job = slot.job.take();
+        if job.is_none() && slot.running {
+            // The helper is most likely about done (its half is as large
+            // as ours): watch for a moment before sleeping, since the
+            // pass's last completions wait on this thread waking up.
+            drop(slot);
+            let start = Instant::now();
+            while self.helper.working.load(Ordering::Acquire) && start.elapsed() < HELPER_SPIN {
+                std::hint::spin_loop();
+            }
+            slot = self.helper.lock();
+        }
         while slot.running {
             slot = self
                 .helper
