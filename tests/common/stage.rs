@@ -1,9 +1,10 @@
 //! Write-back stages made by hand, as a twinsum that died would leave them.
 //! Needs `common::disk`.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use twinsum::io::{FileDevice, MappedFile};
+use twinsum::io::{FileDevice, MemRegion};
 use twinsum::meta::Metadata;
 use twinsum::stage::{boot_id, Identity, Stage, RING_START};
 
@@ -22,10 +23,23 @@ pub fn craft_stage(disk: &Disk, writes: &[(u64, Vec<u8>)]) {
         blocks: sb.blocks,
         data_size: sb.data_size,
     };
-    let region = Arc::new(MappedFile::open(&disk.stage, Some(RING_START + (64 << 20))).unwrap());
-    let mut stage = Stage::create(region, ident, boot_id().unwrap(), 77).unwrap();
+    // Built in memory and written out as plain bytes: a stage file mapped
+    // here would be `flock`ed, and a daemon that another test thread forks
+    // meanwhile would hold that lock until its exec, so this test's own
+    // daemon could find its stage "in use".
+    let region = Arc::new(MemRegion::new(RING_START + (64 << 20)));
+    let mut stage = Stage::create(region.clone(), ident, boot_id().unwrap(), 77).unwrap();
     for (block, data) in writes {
         let slot = stage.reserve(*block, data.len()).unwrap().unwrap();
         stage.filler().fill(&slot, data).unwrap();
     }
+    drop(stage);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&disk.stage)
+        .expect("create the stage file");
+    std::io::Write::write_all(&mut file, &region.to_vec()).expect("write the stage file");
 }
