@@ -236,10 +236,28 @@ mod tests {
 
     #[test]
     fn both_halves_run_and_return_what_they_borrowed() {
-        let data: Vec<u64> = (0..10_000).collect();
-        let (left, right) = data.split_at(4_000);
-        for _ in 0..200 {
-            let (a, b) = join(|| left.iter().sum::<u64>(), || right.iter().sum::<u64>());
+        // The first half waits (boundedly) until a helper has begun the
+        // second, which is the longer one, well past the worker's watch:
+        // so `join` must really wait for a helper at work.
+        let data: Vec<u64> = (0..1_000_000).collect();
+        let (left, right) = data.split_at(1_000);
+        for _ in 0..50 {
+            let begun = AtomicBool::new(false);
+            let (a, b) = join(
+                || {
+                    let t = std::time::Instant::now();
+                    while !begun.load(Ordering::SeqCst)
+                        && t.elapsed() < std::time::Duration::from_millis(100)
+                    {
+                        std::hint::spin_loop();
+                    }
+                    left.iter().sum::<u64>()
+                },
+                || {
+                    begun.store(true, Ordering::SeqCst);
+                    right.iter().sum::<u64>()
+                },
+            );
             assert_eq!(a + b, data.iter().sum::<u64>());
             assert_eq!(a, left.iter().sum::<u64>());
         }
