@@ -368,7 +368,7 @@ fn info_json_has_the_documented_keys() {
     let o = twinsum(&["info", "--meta", s(&disk.meta), "--json"]);
     assert_exit(&o, 0);
     let j = json(&o);
-    assert_eq!(j["version"], 2);
+    assert_eq!(j["version"], 3);
     assert_eq!(j["block_size"], 512);
     assert_eq!(j["blocks"], 100);
     assert_eq!(j["data_size"], 51200);

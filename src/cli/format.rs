@@ -43,7 +43,7 @@ pub struct FormatArgs {
     /// if group or others may read or write FILE.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// MiB of metadata log after the pair table (format version 2): each
+    /// MiB of metadata log after the pair table (format version 3): each
     /// commit then appends one sequential record instead of writing a
     /// table page per block. 0 writes version 1 metadata, without a log
     /// [default: the table's size, between 1 and 16 MiB].

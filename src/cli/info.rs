@@ -40,7 +40,7 @@ struct Info {
     generation: u64,
     /// "xxh3-64", or "blake3-keyed" for a disk formatted with a key.
     hash: &'static str,
-    /// Bytes of metadata log (format version 2; 0 for version 1).
+    /// Bytes of metadata log (format versions 2 and 3; 0 for version 1).
     log_size: u64,
     /// Log records since the last checkpoint: what a crash left to replay
     /// (the next serve folds them into the table).

@@ -106,6 +106,7 @@ pub fn verify_all<D: Device + ?Sized>(
     let sum = Checksum::of(&sb, meta.key())?;
     let bs = u64::from(sb.block_size);
     let mut tally = Tally {
+        versions: meta.versions().clone(),
         sum,
         zeros: vec![0u8; sb.block_size as usize],
         progress,
@@ -134,7 +135,19 @@ pub fn verify_all<D: Device + ?Sized>(
                 let n = job_blocks.min(end / bs - b);
                 let pairs = window.copy(meta, b, n)?;
                 tally.count(&pairs);
-                pool.submit(Job { first: b, pairs }, &mut tally)?;
+                let extras = tally
+                    .versions
+                    .range(b..b + n)
+                    .map(|(&b, v)| (b, v.clone()))
+                    .collect();
+                pool.submit(
+                    Job {
+                        first: b,
+                        pairs,
+                        extras,
+                    },
+                    &mut tally,
+                )?;
                 b += n;
             }
             next_block = end / bs;
@@ -151,6 +164,9 @@ pub fn verify_all<D: Device + ?Sized>(
 struct Job {
     first: u64,
     pairs: Vec<Pair>,
+    /// Format version 3: the blocks of the job with more versions than
+    /// their pair (from the metadata log), and those versions.
+    extras: Vec<(u64, Vec<u64>)>,
 }
 
 /// What a worker found in one job.
@@ -265,7 +281,7 @@ fn verify_job<D: Device + ?Sized>(
         .chunks_exact(bs as usize)
         .zip(&job.pairs)
         .zip(job.first..)
-        .filter(|((content, p), b)| sum.verify(*b, content, p.new, p.old) == Verdict::Neither)
+        .filter(|((content, p), b)| !matches_any(sum, *b, content, **p, extras_of(&job.extras, *b)))
         .map(|(_, b)| b)
         .collect();
     Ok(Done {
@@ -274,8 +290,25 @@ fn verify_job<D: Device + ?Sized>(
     })
 }
 
+/// Whether `content` of block `b` matches its pair or one of `extras`.
+fn matches_any(sum: Checksum, b: u64, content: &[u8], p: Pair, extras: &[u64]) -> bool {
+    sum.verify(b, content, p.new, p.old) != Verdict::Neither
+        || extras
+            .iter()
+            .any(|&x| sum.verify(b, content, x, x) != Verdict::Neither)
+}
+
+fn extras_of(extras: &[(u64, Vec<u64>)], b: u64) -> &[u64] {
+    extras
+        .binary_search_by_key(&b, |(x, _)| *x)
+        .map_or(&[], |i| extras[i].1.as_slice())
+}
+
 /// The verdicts so far.
 struct Tally<'p> {
+    /// Format version 3: blocks the metadata log gives more versions than
+    /// their pair.
+    versions: std::collections::BTreeMap<u64, Vec<u64>>,
     sum: Checksum,
     /// One all-zero block: what a hole reads as.
     zeros: Vec<u8>,
@@ -300,7 +333,8 @@ impl Tally<'_> {
 
     /// Judge a block that lies in a hole, so reads as zeros.
     fn judge_zeros(&mut self, block: u64, pair: Pair) {
-        if self.sum.verify(block, &self.zeros, pair.new, pair.old) == Verdict::Neither {
+        let extras = self.versions.get(&block).map_or(&[][..], Vec::as_slice);
+        if !matches_any(self.sum, block, &self.zeros, pair, extras) {
             self.report.mismatches.add(block);
         }
     }

@@ -72,6 +72,10 @@ pub struct Metadata {
     /// until [`Metadata::recover`] folds them into it (read-only users
     /// never do, and never write).
     overlay: BTreeMap<u64, Pair>,
+    /// Version 3: checksums beyond its pair that the log replay found for
+    /// a block (its data may match any of them), until the engine resolves
+    /// them from the data ([`Metadata::take_versions`]).
+    versions: BTreeMap<u64, Vec<u64>>,
     replayed: LogReplay,
     /// One bit per table page: set if the page may hold data on the
     /// device. A clear bit is a page known to be a hole (it reads as the
@@ -225,7 +229,7 @@ impl Metadata {
         key: Option<&Key>,
         cache_pages: usize,
     ) -> Result<Self, MetaError> {
-        let (log, overlay, replay) = if sb.has_log() {
+        let (log, overlay, versions, replay) = if sb.has_log() {
             let (log, r) = Log::open(
                 &dev,
                 sb.log_offset,
@@ -238,9 +242,14 @@ impl Metadata {
                 records: r.records,
                 entries: r.entries,
             };
-            (Some(log), r.pairs, replay)
+            let versions = if sb.log_versions() {
+                r.versions
+            } else {
+                BTreeMap::new()
+            };
+            (Some(log), r.pairs, versions, replay)
         } else {
-            (None, BTreeMap::new(), LogReplay::default())
+            (None, BTreeMap::new(), BTreeMap::new(), LogReplay::default())
         };
         let pages = (meta_len(sb.blocks) - TABLE_OFFSET) / PAGE_SIZE;
         let allocated = PageBits::of(&dev, pages)?;
@@ -252,6 +261,7 @@ impl Metadata {
             scratch: Vec::new(),
             log,
             overlay,
+            versions,
             replayed: replay,
             allocated,
         })
@@ -279,6 +289,41 @@ impl Metadata {
     /// Whether the metadata has a log (format version 2).
     pub fn has_log(&self) -> bool {
         self.log.is_some()
+    }
+
+    /// Whether a log record may carry a block's versions beyond its pair
+    /// (format version 3), so a block may be rewritten before a data sync.
+    pub fn log_versions(&self) -> bool {
+        self.log.is_some() && self.sb.log_versions()
+    }
+
+    /// Whether a record of `entries` entries fits in the log now.
+    pub fn log_has_room(&self, entries: usize) -> bool {
+        self.log.as_ref().is_some_and(|l| l.has_room(entries))
+    }
+
+    /// Checksums beyond its pair that block `block`'s data may match, as
+    /// the log replay found them (`check`, which does not resolve them).
+    pub fn extra_versions(&self, block: u64) -> &[u64] {
+        self.versions.get(&block).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every block with replayed extra versions.
+    pub fn versions(&self) -> &BTreeMap<u64, Vec<u64>> {
+        &self.versions
+    }
+
+    /// Hand the replayed extra versions to the caller that resolves them.
+    pub fn take_versions(&mut self) -> BTreeMap<u64, Vec<u64>> {
+        std::mem::take(&mut self.versions)
+    }
+
+    /// Set a pair where a read-only opener keeps it: in the overlay, never
+    /// written.
+    pub fn set_in_memory(&mut self, block: u64, pair: Pair) -> Result<(), MetaError> {
+        self.check_block(block, 1)?;
+        self.overlay.insert(block, pair);
+        Ok(())
     }
 
     /// Where the next log record goes.

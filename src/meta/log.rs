@@ -99,6 +99,11 @@ pub struct Replayed {
     /// Every entry of every valid record from the checkpoint on, the last
     /// one for each block winning.
     pub pairs: BTreeMap<u64, Pair>,
+    /// Version 3: the checksums the last record naming a block carried
+    /// beyond its pair (entries `(block, v, v)` ahead of its pair entry).
+    /// The block's data may match any of them; only blocks that have
+    /// some.
+    pub versions: BTreeMap<u64, Vec<u64>>,
     pub records: u64,
     pub entries: u64,
 }
@@ -140,13 +145,28 @@ impl Log {
             if at + len as u64 - log.tail > size {
                 break;
             }
+            // A block's candidates are those of the last record naming it:
+            // that record carried every version its data could still hold.
+            let mut named: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
             for e in buf[RECORD_HEADER..]
                 .chunks_exact(ENTRY)
                 .take(entries_of(&buf))
             {
                 let (block, pair) = decode_entry(e);
                 replayed.pairs.insert(block, pair);
+                named.entry(block).or_default().extend([pair.new, pair.old]);
                 replayed.entries += 1;
+            }
+            for (block, mut all) in named {
+                let pair = replayed.pairs[&block];
+                all.retain(|&v| v != pair.new && v != pair.old);
+                all.sort_unstable();
+                all.dedup();
+                if all.is_empty() {
+                    replayed.versions.remove(&block);
+                } else {
+                    replayed.versions.insert(block, all);
+                }
             }
             replayed.records += 1;
             log.head = at + len as u64;
@@ -206,6 +226,19 @@ impl Log {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether a record of `entries` entries would be given a place now.
+    pub fn has_room(&self, entries: usize) -> bool {
+        if entries > self.max_entries() {
+            return false;
+        }
+        let len = (RECORD_HEADER + entries * ENTRY).div_ceil(ALIGN) * ALIGN;
+        let mut at = self.head;
+        if at % self.size + len as u64 > self.size {
+            at += self.size - at % self.size;
+        }
+        at + len as u64 - self.tail <= self.size
     }
 
     /// Encode the next record for `entries` and claim its place.
@@ -337,6 +370,28 @@ mod tests {
         // Another salt (an earlier format of this file) sees nothing.
         let (_, r) = Log::open(&d, OFF, SIZE, 8, 1, 0).unwrap();
         assert_eq!(r.records, 0);
+    }
+
+    #[test]
+    fn a_block_s_versions_are_those_of_the_last_record_naming_it() {
+        let d = dev();
+        let (mut log, _) = Log::open(&d, OFF, SIZE, 7, 1, 0).unwrap();
+        let v = |n| Pair { new: n, old: n };
+        // Block 3 rewritten twice without a sync: its record carries the
+        // version before its pair.
+        write(&d, &mut log, &[(3, Pair { new: 2, old: 1 }), (5, pair(50))]);
+        write(&d, &mut log, &[(3, v(1)), (3, Pair { new: 3, old: 2 })]);
+        let (_, r) = Log::open(&d, OFF, SIZE, 7, 1, 0).unwrap();
+        assert_eq!(r.pairs[&3], Pair { new: 3, old: 2 });
+        assert_eq!(r.versions.get(&3), Some(&vec![1]));
+        assert!(!r.versions.contains_key(&5));
+        // After a sync the next record names just the pair: the earlier
+        // versions are gone.
+        write(&d, &mut log, &[(3, Pair { new: 4, old: 3 })]);
+        let (_, r) = Log::open(&d, OFF, SIZE, 7, 1, 0).unwrap();
+        assert!(r.versions.is_empty(), "{:?}", r.versions);
+        assert!(log.has_room(1));
+        assert!(!log.has_room(log.max_entries() + 1));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use cache::{LogReplay, Metadata, Pair};
 pub use superblock::{
     hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3, MAGIC, MIN_LOG_SIZE,
-    SUPERBLOCK_SIZE, VERSION, VERSION_NO_LOG,
+    SUPERBLOCK_SIZE, VERSION, VERSION_LOG, VERSION_NO_LOG,
 };
 
 /// Byte offset of the pair table.

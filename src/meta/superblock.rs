@@ -41,8 +41,10 @@ use crate::key::Key;
 
 /// Size of the superblock on disk.
 pub const SUPERBLOCK_SIZE: usize = 512;
-/// The format version this build writes (it reads 1 and 2).
-pub const VERSION: u32 = 2;
+/// The format version this build writes (it reads 1, 2 and 3).
+pub const VERSION: u32 = 3;
+/// The first version with a metadata log; its records carry pairs only.
+pub const VERSION_LOG: u32 = 2;
 /// The first version, without a metadata log.
 pub const VERSION_NO_LOG: u32 = 1;
 /// Smallest metadata log.
@@ -125,7 +127,7 @@ pub enum SuperblockError {
     Magic(u64),
     #[error("superblock checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
-    #[error("unsupported metadata version {0} (this build reads versions {VERSION_NO_LOG} and {VERSION})")]
+    #[error("unsupported metadata version {0} (this build reads versions {VERSION_NO_LOG} to {VERSION})")]
     Version(u32),
     #[error("unknown superblock flags {0:#x}")]
     Flags(u32),
@@ -218,9 +220,16 @@ impl Superblock {
         self
     }
 
-    /// Whether this metadata has a log (version 2).
+    /// Whether this metadata has a log (version 2 and later).
     pub fn has_log(&self) -> bool {
-        self.version >= 2
+        self.version >= VERSION_LOG
+    }
+
+    /// Whether its log records may carry versions beyond a block's pair
+    /// (version 3): replay then gives a block every checksum of the last
+    /// record naming it.
+    pub fn log_versions(&self) -> bool {
+        self.version >= 3
     }
 
     /// Bytes the metadata device needs: superblock, table and log.
@@ -350,7 +359,7 @@ impl Superblock {
             log_seq: 0,
             log_pos: 0,
         };
-        if version >= 2 {
+        if version >= VERSION_LOG {
             sb.log_offset = u64_le(buf, off::LOG_OFFSET);
             sb.log_size = u64_le(buf, off::LOG_SIZE);
             sb.log_seq = u64_le(buf, off::LOG_SEQ);
@@ -450,10 +459,17 @@ mod tests {
     }
 
     #[test]
-    fn version_2_carries_the_log_geometry() {
+    fn version_3_carries_the_log_geometry() {
         let sb = sample().with_log(64 << 10);
         let buf = sb.encode();
-        assert_eq!(&buf[8..12], &[2, 0, 0, 0]);
+        assert_eq!(&buf[8..12], &[3, 0, 0, 0]);
+        assert!(sb.log_versions());
+        // Version 2 has the same layout; its records carry pairs only.
+        let mut v2 = buf;
+        v2[8] = 2;
+        reseal(&mut v2);
+        let old = Superblock::decode(&v2).unwrap();
+        assert!(old.has_log() && !old.log_versions());
         // 256 blocks: a one-page table after the 4096-byte superblock area.
         assert_eq!(&buf[96..104], &8192u64.to_le_bytes());
         assert_eq!(&buf[104..112], &(64u64 << 10).to_le_bytes());
@@ -557,9 +573,9 @@ mod tests {
     #[test]
     fn version_from_the_future_is_refused() {
         let mut buf = sample().encode();
-        buf[8] = 3;
+        buf[8] = 4;
         reseal(&mut buf);
-        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(3)));
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockError::Version(4)));
     }
 
     #[test]

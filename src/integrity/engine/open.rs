@@ -133,9 +133,10 @@ impl Core {
         }
         if !self.opts.readonly {
             self.lock().meta.recover()?;
-            if replay.records > 0 {
-                self.checkpoint()?;
-            }
+        }
+        self.resolve_versions()?;
+        if !self.opts.readonly && replay.records > 0 {
+            self.checkpoint()?;
         }
         if let Some(mark) = self.lock().meta.log_mark() {
             self.log_order
@@ -143,6 +144,52 @@ impl Core {
                 .unwrap_or_else(PoisonError::into_inner)
                 .next = mark.seq;
         }
+        Ok(())
+    }
+
+    /// Format version 3: blocks the log replay gave more checksums than a
+    /// pair holds (rewritten before a data sync when the process died).
+    /// Their data (synced at an unclean open) tells which one holds; the
+    /// pair becomes that one twice, before the checkpoint that follows
+    /// drops the records. A block that matches none is damaged: it keeps
+    /// the pair of its last record, and reads of it fail.
+    fn resolve_versions(&self) -> Result<(), EngineError> {
+        let versions = self.lock().meta.take_versions();
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let mut blocks = Vec::with_capacity(versions.len());
+        let mut extras = Vec::with_capacity(versions.len());
+        {
+            let mut st = self.lock();
+            for (b, v) in versions {
+                blocks.push((b, st.meta.get(b)?));
+                extras.push(v);
+            }
+        }
+        let found = self.identify(&blocks, &extras)?;
+        let mut st = self.lock();
+        let mut damaged = 0;
+        for (&(b, _), sum) in blocks.iter().zip(found) {
+            let Some(sum) = sum else {
+                damaged += 1;
+                continue;
+            };
+            let pair = crate::meta::Pair { new: sum, old: sum };
+            if self.opts.readonly {
+                st.meta.set_in_memory(b, pair)?;
+            } else {
+                st.meta.set(b, pair)?;
+            }
+        }
+        info!(
+            "resolved {} blocks the metadata log named several versions of{}",
+            blocks.len(),
+            match damaged {
+                0 => String::new(),
+                n => format!("; {n} match none of them"),
+            }
+        );
         Ok(())
     }
 }

@@ -45,7 +45,20 @@ pub(super) struct State {
     /// enter the Pending set (nothing changes for them on a crash), but a
     /// write to such a block must not overtake the hole punch.
     pub zeroing: Vec<(u64, u64)>,
+    /// Format version 3: checksums beyond its pair that a Pending block's
+    /// data may still hold on the media (versions written since the last
+    /// data sync, before the two its pair names). Every log record naming
+    /// the block carries them, so the two slots need not cover them.
+    pub extras: HashMap<u64, Vec<u64>>,
+    /// How many checksums `extras` holds, to bound it.
+    pub extra_count: usize,
 }
+
+/// Most versions a block may have beyond its pair before a rewrite waits
+/// for a data sync instead.
+const MAX_EXTRAS_PER_BLOCK: usize = 6;
+/// Most extra versions held in all, bounding memory and record size.
+const MAX_EXTRAS: usize = 1 << 16;
 
 impl State {
     pub fn new(meta: Metadata, marked_dirty: bool) -> Self {
@@ -55,13 +68,90 @@ impl State {
             events: 0,
             marked_dirty,
             zeroing: Vec::new(),
+            extras: HashMap::new(),
+            extra_count: 0,
         }
+    }
+
+    /// Forget block `b`'s extra versions: its data is durable and known.
+    pub fn drop_extras(&mut self, b: u64) {
+        if let Some(v) = self.extras.remove(&b) {
+            self.extra_count -= v.len();
+        }
+    }
+
+    /// A rewrite of Pending block `b` (pair `p`) with content of checksum
+    /// `sum`, without a data sync first: the media may hold `p.old` (its
+    /// content at the last sync), `p.new`, its extra versions, or the new
+    /// content. The pair becomes `(sum, p.new)` and `p.old` joins the
+    /// extras.
+    pub fn rewrite_pending(&mut self, b: u64, p: Pair, sum: u64) -> Pair {
+        let ex = self.extras.entry(b).or_default();
+        let before = ex.len();
+        if !ex.contains(&p.old) {
+            ex.push(p.old);
+        }
+        ex.retain(|&v| v != sum && v != p.new);
+        let after = ex.len();
+        if after == 0 {
+            self.extras.remove(&b);
+        }
+        self.extra_count = self.extra_count + after - before;
+        Pair {
+            new: sum,
+            old: p.new,
+        }
+    }
+
+    /// A record naming every block with extra versions, and them, for a
+    /// checkpoint to write as the first record it keeps: replay must still
+    /// find each block's versions once it starts after the records that
+    /// named them. In the order of a round's record: a block's versions,
+    /// then its pair.
+    pub fn carried(&mut self) -> Result<Vec<(u64, Pair)>, MetaError> {
+        let mut blocks: Vec<u64> = self.extras.keys().copied().collect();
+        blocks.sort_unstable();
+        let mut entries = Vec::with_capacity(blocks.len() + self.extra_count);
+        for b in blocks {
+            let pair = self.meta.get(b)?;
+            entries.extend(
+                self.extras[&b]
+                    .iter()
+                    .map(|&v| (b, Pair { new: v, old: v })),
+            );
+            entries.push((b, pair));
+        }
+        Ok(entries)
+    }
+
+    /// Whether `round` may rewrite its Pending blocks without a data sync
+    /// first: the metadata log carries versions (format version 3), no
+    /// block would hold too many, and its record fits in the log now.
+    fn may_rewrite(&mut self, round: &[Update<'_>]) -> bool {
+        if !self.meta.log_versions() {
+            return false;
+        }
+        let mut entries = 0usize;
+        let mut added = 0usize;
+        for u in round {
+            for b in u.block..u.block + u.count {
+                let extras = self.extras.get(&b).map_or(0, Vec::len);
+                let pending = self.pending.contains_key(&b);
+                if pending && extras >= MAX_EXTRAS_PER_BLOCK {
+                    return false;
+                }
+                added += usize::from(pending);
+                entries += 1 + extras + usize::from(pending);
+            }
+        }
+        self.extra_count + added <= MAX_EXTRAS && self.meta.log_has_room(entries)
     }
 
     /// Block `b`'s last content is durable: it leaves the Pending set and
     /// its old checksum is forgotten (`old := new`).
     fn settle(&mut self, b: u64) {
         self.pending.remove(&b);
+        self.drop_extras(b);
         let forgotten = self.meta.get(b).and_then(|p| {
             self.meta.set(
                 b,
@@ -125,7 +215,11 @@ impl Core {
                     .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            if pending {
+            if pending && !st.may_rewrite(round) {
+                log::debug!(
+                    "a rewrite syncs the data first ({} extra versions held)",
+                    st.extra_count
+                );
                 drop(st);
                 self.flush_data()?;
                 st = self.lock();
@@ -158,46 +252,62 @@ impl Core {
     /// left by a crash or a failed data write. Find which slot it matches
     /// so that `old` describes it before a new write makes it Pending again.
     fn resolve(&self, blocks: &[(u64, Pair)]) -> Result<(), EngineError> {
-        // What we read must be what a power cut would leave.
-        self.data
-            .sync()
-            .map_err(EngineError::io("syncing data before resolving blocks"))?;
-        let mut buf = vec![0u8; self.block_size as usize];
-        let mut settled = Vec::with_capacity(blocks.len());
-        for &(b, p) in blocks {
-            self.data
-                .read_at(&mut buf, self.offset(b))
-                .map_err(EngineError::io("reading a block left pending by a crash"))?;
-            let sum = match self.sum.verify(b, &buf, p.new, p.old) {
-                Verdict::New => p.new,
-                Verdict::Old => p.old,
-                // Damaged: keep both slots so the damage stays visible.
-                Verdict::Neither => continue,
-            };
-            settled.push((b, p, sum));
-        }
+        // A block whose data write failed may also hold a version its pair
+        // no longer names (format version 3).
+        let extras: Vec<Vec<u64>> = {
+            let st = self.lock();
+            blocks
+                .iter()
+                .map(|(b, _)| st.extras.get(b).cloned().unwrap_or_default())
+                .collect()
+        };
+        let found = self.identify(blocks, &extras)?;
         let mut st = self.lock();
-        for (b, p, sum) in settled {
+        for (&(b, p), sum) in blocks.iter().zip(found) {
             // Skip a block somebody else wrote meanwhile.
-            if !st.pending.contains_key(&b) && st.meta.get(b)? == p {
-                st.meta.set(b, Pair { new: sum, old: sum })?;
+            if st.pending.contains_key(&b) || st.meta.get(b)? != p {
+                continue;
             }
-        }
-        // Blocks that matched neither: make them look settled to the write
-        // path by collapsing onto `old`; reads of the damage still fail.
-        for &(b, p) in blocks {
-            if !st.pending.contains_key(&b) && st.meta.get(b)? == p {
-                st.meta.set(
-                    b,
-                    Pair {
-                        new: p.old,
-                        old: p.old,
-                    },
-                )?;
-            }
+            // One that matched nothing is damaged: collapsing onto `old`
+            // makes it look settled to the write path; reads of the
+            // damage still fail.
+            let sum = sum.unwrap_or(p.old);
+            st.meta.set(b, Pair { new: sum, old: sum })?;
+            st.drop_extras(b);
         }
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Sync the data, then read each of `blocks` and tell which of its
+    /// checksums (pair, then `extras`) it matches, if any.
+    pub(super) fn identify(
+        &self,
+        blocks: &[(u64, Pair)],
+        extras: &[Vec<u64>],
+    ) -> Result<Vec<Option<u64>>, EngineError> {
+        if !self.opts.readonly {
+            // What we read must be what a power cut would leave.
+            self.data
+                .sync()
+                .map_err(EngineError::io("syncing data before resolving blocks"))?;
+        }
+        let mut buf = vec![0u8; self.block_size as usize];
+        let mut found = Vec::with_capacity(blocks.len());
+        for (&(b, p), extras) in blocks.iter().zip(extras) {
+            self.data
+                .read_at(&mut buf, self.offset(b))
+                .map_err(EngineError::io("reading a block left pending by a crash"))?;
+            found.push(match self.sum.verify(b, &buf, p.new, p.old) {
+                Verdict::New => Some(p.new),
+                Verdict::Old => Some(p.old),
+                Verdict::Neither => extras
+                    .iter()
+                    .copied()
+                    .find(|&x| self.sum.verify(b, &buf, x, x) != Verdict::Neither),
+            });
+        }
+        Ok(found)
     }
 
     /// Mark the round's data writes completed.

@@ -37,6 +37,10 @@ pub(super) struct LogOrder {
     pub broken: bool,
 }
 
+/// A checkpoint carries a block's extra versions into the log only while
+/// they take at most this share of it; beyond, it syncs the data.
+const CARRY_SHARE: u64 = 8;
+
 /// A DISCARD of a huge range is committed in chunks of this many blocks, so
 /// the Pending set and the dirty pages stay bounded.
 pub(super) const ZERO_CHUNK: u64 = 1 << 16;
@@ -148,15 +152,27 @@ impl Core {
             for (i, &sum) in u.sums.iter().enumerate() {
                 let b = u.block + i as u64;
                 let p = st.meta.get(b)?;
-                if sum == ZERO && p == Pair::default() {
+                let pending = st.pending.contains_key(&b);
+                if sum == ZERO && p == Pair::default() && !pending {
                     // Reads as zeros already, whatever the punch does.
                     continue;
                 }
-                let pair = Pair {
-                    new: sum,
-                    old: p.old,
+                let pair = if pending {
+                    // make_writable let a Pending block through: the log
+                    // carries its versions (format version 3).
+                    st.rewrite_pending(b, p, sum)
+                } else {
+                    Pair {
+                        new: sum,
+                        old: p.old,
+                    }
                 };
                 st.meta.set(b, pair)?;
+                if let Some(extras) = st.extras.get(&b) {
+                    // Ahead of the pair, which replay takes as the last
+                    // entry of the block.
+                    entries.extend(extras.iter().map(|&v| (b, Pair { new: v, old: v })));
+                }
                 entries.push((b, pair));
                 let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
                     inflight: 0,
@@ -256,8 +272,28 @@ impl Core {
 
     /// Write a log record durably, after every record before it: replay
     /// stops at the first missing one, so a record may only count once
-    /// all earlier ones are on the device.
+    /// all earlier ones are on the device. If it cannot be written, a
+    /// checkpoint commits its round instead.
     fn write_log(&self, w: LogWrite) -> Result<(), EngineError> {
+        if let Err(e) = self.write_record(&w) {
+            if let Some(e) = e {
+                log::error!(
+                    "writing metadata log record {} failed: {e}; committing by checkpoint instead",
+                    w.seq
+                );
+            }
+            // The pairs are in memory: a checkpoint writes them to the
+            // table and moves replay past every record, written or not.
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Write record `w` in sequence order. `Err(Some)`: its write failed;
+    /// `Err(None)`: an earlier one did, so it was not written. Either
+    /// way no later record is written until a checkpoint moves replay
+    /// past them.
+    fn write_record(&self, w: &LogWrite) -> Result<(), Option<std::io::Error>> {
         let mut order = self
             .log_order
             .lock()
@@ -272,16 +308,14 @@ impl Core {
                 .wait(order)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        let broken = order.broken;
-        let r = if broken {
-            Err(std::io::Error::other(
-                "an earlier log record was not written",
-            ))
+        let r = if order.broken {
+            Err(None)
         } else {
             self.counters.meta_syncs.fetch_add(1, Ordering::Relaxed);
             super::Counters::timed(&self.counters.meta_sync_us, || {
                 self.meta_dev.write_durable(&w.bytes, w.offset)
             })
+            .map_err(Some)
         };
         match &r {
             Ok(()) => order.next = w.seq + 1,
@@ -289,18 +323,7 @@ impl Core {
         }
         drop(order);
         self.log_turn.notify_all();
-        if let Err(e) = r {
-            if !broken {
-                log::error!(
-                    "writing metadata log record {} failed: {e}; committing by checkpoint instead",
-                    w.seq
-                );
-            }
-            // The pairs are in memory: a checkpoint writes them to the
-            // table and moves replay past every record, written or not.
-            self.checkpoint()?;
-        }
-        Ok(())
+        r
     }
 
     /// Ask the checkpoint thread for a checkpoint soon.
@@ -328,11 +351,54 @@ impl Core {
             .checkpointing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (mark, ticket) = {
+        let broken = self
+            .log_order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .broken;
+        let (mark, ticket, carry, mut sync_data) = {
             let mut st = self.lock();
             let mark = st.meta.checkpoint_begin()?;
-            (mark, self.meta_gate.ticket())
+            let (carry, sync_data) = if st.extras.is_empty() {
+                (None, false)
+            } else {
+                // Records before the mark name versions beyond the pairs
+                // the table holds. Carry them into the first record after
+                // the mark; if they are too many, or records cannot be
+                // written, sync the data instead: each of those versions
+                // was followed by a completed write before its record was
+                // made (make_writable waits for writes in flight), so a
+                // sync that begins now leaves each block with a content
+                // its pair names.
+                let entries = st.carried()?;
+                let small = st.meta.log_usage().is_some_and(|(_, size)| {
+                    (entries.len() * crate::meta::log::ENTRY) as u64 <= size / CARRY_SHARE
+                });
+                match (broken || !small, mark.is_some()) {
+                    (false, true) => match st.meta.log_reserve(&entries) {
+                        Some(Reserve::Write(w)) => (Some(w), false),
+                        _ => (None, true),
+                    },
+                    _ => (None, true),
+                }
+            };
+            (mark, self.meta_gate.ticket(), carry, sync_data)
         };
+        if let Some(w) = carry {
+            if let Err(e) = self.write_record(&w) {
+                if let Some(e) = e {
+                    log::error!(
+                        "writing metadata log record {} (the versions a checkpoint carries) failed: {e}; syncing the data instead",
+                        w.seq
+                    );
+                }
+                sync_data = true;
+            }
+        }
+        if sync_data {
+            log::debug!("checkpoint syncs the data: records before it named versions");
+            self.flush_data()?;
+        }
         self.sync_meta(ticket)?;
         if let Some(mark) = mark {
             let mut st = self.lock();

@@ -413,9 +413,13 @@ impl Core {
             .enumerate()
             .map(|(i, e)| (e.block..e.block + e.count).any(|b| newest.get(&b) == Some(&i)))
             .collect();
-        let mut go = if failed_sync {
+        let versions = self.lock().meta.log_versions();
+        let mut go = if failed_sync || versions {
             // The sync they waited for failed: the ordinary path syncs
-            // again and fails them if it cannot.
+            // again and fails them if it cannot. With format version 3 a
+            // rewrite needs no sync first (its record carries the versions
+            // the block may hold); the rare one that does (a block with
+            // many versions, a full log) syncs in the ordinary path.
             vec![true; batch.len()]
         } else {
             self.settle_rewritten(batch, &live);
