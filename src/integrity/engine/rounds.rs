@@ -39,7 +39,7 @@ pub(super) struct LogOrder {
 
 /// A checkpoint carries a block's extra versions into the log only while
 /// they take at most this share of it; beyond, it syncs the data.
-const CARRY_SHARE: u64 = 8;
+const CARRY_SHARE: u64 = 4;
 
 /// A DISCARD of a huge range is committed in chunks of this many blocks, so
 /// the Pending set and the dirty pages stay bounded.
