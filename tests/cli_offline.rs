@@ -303,9 +303,9 @@ fn format_with_size_creates_a_sparse_image() {
     assert_eq!(img.len(), 1 << 30);
     assert!(img.blocks() * 512 < 1 << 20, "image is sparse");
     let meta = fs::metadata(&disk.meta).expect("meta");
-    // Superblock, the pair table (4 MiB), then a metadata log as large
-    // (the table's storage is reserved: see the next test).
-    assert_eq!(meta.len(), 4096 + (1 << 30) / 4096 * 16 + (4 << 20));
+    // Superblock, the pair table (4 MiB), then a metadata log four times
+    // as large (the table's storage is reserved: see the next test).
+    assert_eq!(meta.len(), 4096 + (1 << 30) / 4096 * 16 + (16 << 20));
     assert_exit(&disk.check(false), 0);
 
     // --meta-log 0: the first format, without a log, the table alone.
@@ -426,8 +426,8 @@ fn format_reserves_the_whole_table_yet_it_reads_as_one_hole() {
         .output()
         .expect("stat -f");
     if String::from_utf8_lossy(&fs_type.stdout).trim() != "tmpfs" {
-        // 16 MiB of table: a sparse one would hold only the log (16 MiB
-        // too, written) and the superblock.
+        // 16 MiB of table: a sparse one would hold only the log (32 MiB,
+        // written) and the superblock.
         let m = fs::metadata(&disk.meta).expect("meta");
         assert!(
             m.blocks() * 512 >= m.len(),

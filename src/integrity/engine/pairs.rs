@@ -58,7 +58,7 @@ pub(super) struct State {
 /// for a data sync instead.
 const MAX_EXTRAS_PER_BLOCK: usize = 6;
 /// Most extra versions held in all, bounding memory and record size.
-const MAX_EXTRAS: usize = 1 << 16;
+const MAX_EXTRAS: usize = 1 << 18;
 
 impl State {
     pub fn new(meta: Metadata, marked_dirty: bool) -> Self {
