@@ -136,21 +136,31 @@ impl Checksum {
     /// Verify `data` against both slots, hashing at most once.
     #[inline]
     pub fn verify(&self, block: u64, data: &[u8], new: u64, old: u64) -> Verdict {
+        match self.find(block, data, [new, old]) {
+            Some(s) if s == new => Verdict::New,
+            Some(_) => Verdict::Old,
+            None => Verdict::Neither,
+        }
+    }
+
+    /// The first of `sums` that `data` (block `block`) matches, hashing at
+    /// most once: a pair's slots, then the extra versions a metadata log
+    /// of format version 3 names.
+    #[inline]
+    pub fn find(
+        &self,
+        block: u64,
+        data: &[u8],
+        sums: impl IntoIterator<Item = u64>,
+    ) -> Option<u64> {
         let mut hash = None;
-        let mut check = |sum: u64| {
+        sums.into_iter().find(|&sum| {
             if sum == ZERO {
                 is_zero(data)
             } else {
                 *hash.get_or_insert_with(|| self.block_hash(block, data)) == sum
             }
-        };
-        if check(new) {
-            Verdict::New
-        } else if check(old) {
-            Verdict::Old
-        } else {
-            Verdict::Neither
-        }
+        })
     }
 }
 

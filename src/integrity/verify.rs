@@ -19,7 +19,7 @@ use std::thread;
 
 use serde::{Deserialize, Serialize};
 
-use super::hash::{self, Checksum, Verdict};
+use super::hash::{self, Checksum};
 use crate::io::Device;
 use crate::meta::{MetaError, Metadata, Pair, SuperblockError};
 
@@ -292,10 +292,8 @@ fn verify_job<D: Device + ?Sized>(
 
 /// Whether `content` of block `b` matches its pair or one of `extras`.
 fn matches_any(sum: Checksum, b: u64, content: &[u8], p: Pair, extras: &[u64]) -> bool {
-    sum.verify(b, content, p.new, p.old) != Verdict::Neither
-        || extras
-            .iter()
-            .any(|&x| sum.verify(b, content, x, x) != Verdict::Neither)
+    let sums = [p.new, p.old].into_iter().chain(extras.iter().copied());
+    sum.find(b, content, sums).is_some()
 }
 
 fn extras_of(extras: &[(u64, Vec<u64>)], b: u64) -> &[u64] {

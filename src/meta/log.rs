@@ -230,30 +230,32 @@ impl Log {
 
     /// Whether a record of `entries` entries would be given a place now.
     pub fn has_room(&self, entries: usize) -> bool {
+        self.place(entries).is_ok()
+    }
+
+    /// Logical position and length of the next record of `entries`
+    /// entries, or why it has none.
+    fn place(&self, entries: usize) -> Result<(u64, usize), Reserve> {
         if entries > self.max_entries() {
-            return false;
+            return Err(Reserve::TooLarge);
         }
         let len = (RECORD_HEADER + entries * ENTRY).div_ceil(ALIGN) * ALIGN;
         let mut at = self.head;
         if at % self.size + len as u64 > self.size {
             at += self.size - at % self.size;
         }
-        at + len as u64 - self.tail <= self.size
+        if at + len as u64 - self.tail > self.size {
+            return Err(Reserve::Full);
+        }
+        Ok((at, len))
     }
 
     /// Encode the next record for `entries` and claim its place.
     pub fn reserve(&mut self, entries: &[(u64, Pair)]) -> Reserve {
-        if entries.len() > self.max_entries() {
-            return Reserve::TooLarge;
-        }
-        let len = (RECORD_HEADER + entries.len() * ENTRY).div_ceil(ALIGN) * ALIGN;
-        let mut at = self.head;
-        if at % self.size + len as u64 > self.size {
-            at += self.size - at % self.size;
-        }
-        if at + len as u64 - self.tail > self.size {
-            return Reserve::Full;
-        }
+        let (at, len) = match self.place(entries.len()) {
+            Ok(p) => p,
+            Err(why) => return why,
+        };
         let mut bytes = vec![0u8; len];
         put32(&mut bytes, 0, MAGIC);
         put32(&mut bytes, 4, RECORD_VERSION);

@@ -37,7 +37,7 @@ use rand::{Rng, SeedableRng};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{Dev, LogFile, Record};
-use crate::integrity::hash::{Checksum, Verdict};
+use crate::integrity::hash::Checksum;
 use crate::io::{Device, FileDevice, OpenFlags};
 use crate::key::Key;
 use crate::meta::{MetaError, Metadata};
@@ -551,13 +551,9 @@ pub fn verify(
             .map_err(io("reading the image"))?;
         m.get_range(b, &mut pairs[..n as usize])?;
         for (k, (content, p)) in chunk.chunks_exact(bs as usize).zip(&pairs).enumerate() {
-            let extras = m.extra_versions(b + k as u64);
-            let any = || {
-                extras
-                    .iter()
-                    .any(|&x| sum.verify(b + k as u64, content, x, x) != Verdict::Neither)
-            };
-            if sum.verify(b + k as u64, content, p.new, p.old) == Verdict::Neither && !any() {
+            let extras = m.extra_versions(b + k as u64).iter().copied();
+            let sums = [p.new, p.old].into_iter().chain(extras);
+            if sum.find(b + k as u64, content, sums).is_none() {
                 out.mismatches.push(b + k as u64);
             }
         }

@@ -20,7 +20,6 @@ use log::warn;
 
 use super::rounds::Update;
 use super::{Core, EngineError};
-use crate::integrity::hash::Verdict;
 use crate::meta::{MetaError, Metadata, Pair};
 
 /// A block written since the last data sync.
@@ -114,14 +113,18 @@ impl State {
         let mut entries = Vec::with_capacity(blocks.len() + self.extra_count);
         for b in blocks {
             let pair = self.meta.get(b)?;
-            entries.extend(
-                self.extras[&b]
-                    .iter()
-                    .map(|&v| (b, Pair { new: v, old: v })),
-            );
-            entries.push((b, pair));
+            self.log_entries(b, pair, &mut entries);
         }
         Ok(entries)
+    }
+
+    /// Block `b`'s entries of a log record: its extra versions, if any,
+    /// ahead of its pair, which replay takes as the block's last entry.
+    pub fn log_entries(&self, b: u64, pair: Pair, entries: &mut Vec<(u64, Pair)>) {
+        if let Some(extras) = self.extras.get(&b) {
+            entries.extend(extras.iter().map(|&v| (b, Pair { new: v, old: v })));
+        }
+        entries.push((b, pair));
     }
 
     /// Whether `round` may rewrite its Pending blocks without a data sync
@@ -298,14 +301,8 @@ impl Core {
             self.data
                 .read_at(&mut buf, self.offset(b))
                 .map_err(EngineError::io("reading a block left pending by a crash"))?;
-            found.push(match self.sum.verify(b, &buf, p.new, p.old) {
-                Verdict::New => Some(p.new),
-                Verdict::Old => Some(p.old),
-                Verdict::Neither => extras
-                    .iter()
-                    .copied()
-                    .find(|&x| self.sum.verify(b, &buf, x, x) != Verdict::Neither),
-            });
+            let sums = [p.new, p.old].into_iter().chain(extras.iter().copied());
+            found.push(self.sum.find(b, &buf, sums));
         }
         Ok(found)
     }

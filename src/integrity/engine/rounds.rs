@@ -168,12 +168,7 @@ impl Core {
                     }
                 };
                 st.meta.set(b, pair)?;
-                if let Some(extras) = st.extras.get(&b) {
-                    // Ahead of the pair, which replay takes as the last
-                    // entry of the block.
-                    entries.extend(extras.iter().map(|&v| (b, Pair { new: v, old: v })));
-                }
-                entries.push((b, pair));
+                st.log_entries(b, pair, &mut entries);
                 let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
                     inflight: 0,
                     completed: 0,

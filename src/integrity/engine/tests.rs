@@ -68,22 +68,21 @@ struct Disk {
 
 impl Disk {
     fn new(bs: u32, blocks: u64) -> Self {
-        let size = bs as u64 * blocks;
-        let data = Mem::new(size as usize);
-        let meta = Mem::new(crate::meta::meta_len(blocks) as usize);
-        // As `twinsum format` leaves it: clean.
-        let mut sb = Superblock::new(bs, size, 0x5eed).unwrap();
-        sb.clean = true;
-        Metadata::create(meta.clone(), sb, 64).unwrap();
-        Self { data, meta }
+        Self::formatted(bs, blocks, None)
     }
     /// Format version 3: with a metadata log whose records carry versions.
     fn logged(bs: u32, blocks: u64) -> Self {
+        Self::formatted(bs, blocks, Some(64 << 10))
+    }
+    fn formatted(bs: u32, blocks: u64, log: Option<u64>) -> Self {
         let size = bs as u64 * blocks;
-        let log = 64 << 10;
         let data = Mem::new(size as usize);
-        let meta = Mem::new((crate::meta::meta_len(blocks) + log) as usize);
-        let mut sb = Superblock::new(bs, size, 0x5eed).unwrap().with_log(log);
+        let mut sb = Superblock::new(bs, size, 0x5eed).unwrap();
+        if let Some(log) = log {
+            sb = sb.with_log(log);
+        }
+        let meta = Mem::new(sb.meta_len() as usize);
+        // As `twinsum format` leaves it: clean.
         sb.clean = true;
         Metadata::create(meta.clone(), sb, 64).unwrap();
         Self { data, meta }
@@ -93,6 +92,13 @@ impl Disk {
     }
     fn engine(&self) -> Engine {
         self.open(EngineOptions::default())
+    }
+    /// Without the write-back stage: a completed write is on the device.
+    fn write_through(&self) -> Engine {
+        self.open(EngineOptions {
+            write_cache: false,
+            ..Default::default()
+        })
     }
 }
 
@@ -253,10 +259,7 @@ fn rewrite_blocks_1_and_3(e: &Engine) -> (Vec<u8>, Vec<u8>) {
 fn rewriting_a_pending_block_syncs_data_once_per_batch() {
     // Without the write-back stage: the batch's own sync.
     let disk = Disk::new(512, 8);
-    let e = disk.open(EngineOptions {
-        write_cache: false,
-        ..Default::default()
-    });
+    let e = disk.write_through();
     e.write(0, &pattern(512, 4, 1)).unwrap();
     e.drain();
     let before = disk.data.syncs.load(Ordering::SeqCst);
@@ -272,10 +275,7 @@ fn rewriting_a_pending_block_syncs_data_once_per_batch() {
 #[test]
 fn version_3_rewrites_without_a_sync_and_a_crash_leaves_every_version_readable() {
     let disk = Disk::logged(512, 8);
-    let e = disk.open(EngineOptions {
-        write_cache: false,
-        ..Default::default()
-    });
+    let e = disk.write_through();
     let v: Vec<Vec<u8>> = (1..=4).map(|s| pattern(512, 1, s)).collect();
     e.write(2, &v[0]).unwrap();
     let before = disk.data.syncs.load(Ordering::SeqCst);
@@ -337,10 +337,7 @@ fn a_version_2_disk_still_syncs_before_a_rewrite() {
         .clone();
     sb.version = crate::meta::VERSION_LOG;
     Metadata::create(disk.meta.clone(), sb, 16).unwrap();
-    let e = disk.open(EngineOptions {
-        write_cache: false,
-        ..Default::default()
-    });
+    let e = disk.write_through();
     e.write(2, &pattern(512, 1, 1)).unwrap();
     let before = disk.data.syncs.load(Ordering::SeqCst);
     e.write(2, &pattern(512, 1, 2)).unwrap();
@@ -625,10 +622,7 @@ fn a_long_read_mixes_queued_blocks_with_the_disk() {
 #[test]
 fn without_the_write_cache_a_completed_write_is_on_the_disk() {
     let disk = Disk::new(512, 8);
-    let e = disk.open(EngineOptions {
-        write_cache: false,
-        ..Default::default()
-    });
+    let e = disk.write_through();
     let v = pattern(512, 1, 9);
     e.write(3, &v).unwrap();
     let mut raw = vec![0; 512];
