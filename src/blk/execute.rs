@@ -20,6 +20,7 @@ use super::request::{
     Segments, ID_LEN,
 };
 use crate::integrity::{Engine, EngineError, Op};
+use crate::io::PageBuf;
 use crate::writelog::WriteLog;
 
 /// A batch is cut into engine submissions of about this many data bytes,
@@ -36,15 +37,17 @@ const POOL_MAX_BUF: usize = 4 << 20;
 /// keeps stale bytes from an earlier request; that is harmless because a
 /// write buffer is filled from the guest in full before use, and a read
 /// buffer reaches the guest only after the engine filled and verified it.
+/// Buffers start on a page, as guest buffers do ([`PageBuf`]: copies
+/// between the two stay on the CPU's fast path).
 #[derive(Debug, Default)]
 pub struct BufPool {
-    free: Vec<Vec<u8>>,
+    free: Vec<PageBuf>,
     bytes: usize,
 }
 
 impl BufPool {
     /// A buffer of at least `len` bytes (its `len()`, not just capacity).
-    fn get(&mut self, len: usize) -> Vec<u8> {
+    fn get(&mut self, len: usize) -> PageBuf {
         let best = self
             .free
             .iter()
@@ -58,14 +61,14 @@ impl BufPool {
                 self.bytes -= b.len();
                 b
             }
-            None => vec![0; len],
+            None => PageBuf::zeroed(len),
         }
     }
 
     /// Half the free buffers, for a helper running part of a pass.
     pub fn split(&mut self) -> BufPool {
         let free = self.free.split_off(self.free.len() / 2);
-        let bytes = free.iter().map(Vec::len).sum();
+        let bytes = free.iter().map(|b| b.len()).sum();
         self.bytes -= bytes;
         BufPool { free, bytes }
     }
@@ -77,7 +80,7 @@ impl BufPool {
         }
     }
 
-    fn put(&mut self, buf: Vec<u8>) {
+    fn put(&mut self, buf: PageBuf) {
         if buf.len() <= POOL_MAX_BUF && self.bytes + buf.len() <= POOL_BYTES {
             self.bytes += buf.len();
             self.free.push(buf);
@@ -120,7 +123,7 @@ enum Work {
     Read {
         block: u64,
         len: usize,
-        buf: Vec<u8>,
+        buf: PageBuf,
         data: Segments,
     },
     /// A read verified in the guest's buffers, `pieces` of `data`.
@@ -133,7 +136,7 @@ enum Work {
     Write {
         block: u64,
         len: usize,
-        buf: Vec<u8>,
+        buf: PageBuf,
     },
     Zero(Vec<(u64, u64)>),
     Flush,
@@ -1224,17 +1227,23 @@ mod tests {
 
     #[test]
     fn the_buffer_pool_reuses_the_smallest_fit_and_stays_bounded() {
+        let filled = |len, byte| {
+            let mut b = PageBuf::zeroed(len);
+            b.fill(byte);
+            b
+        };
         let mut p = BufPool::default();
-        p.put(vec![1; 8192]);
-        p.put(vec![2; 4096]);
+        p.put(filled(8192, 1));
+        p.put(filled(4096, 2));
         let b = p.get(4000);
         assert_eq!((b.len(), b[0]), (4096, 2), "smallest buffer that fits");
         let b = p.get(16384);
         assert_eq!(b.len(), 16384, "nothing fits: a new one");
-        p.put(vec![0; POOL_MAX_BUF + 1]);
+        assert_eq!(b.as_ptr() as usize % 4096, 0, "on a page");
+        p.put(PageBuf::zeroed(POOL_MAX_BUF + 1));
         assert_eq!(p.free.len(), 1, "oversized buffers are not kept");
         for _ in 0..POOL_BYTES / POOL_MAX_BUF + 2 {
-            p.put(vec![0; POOL_MAX_BUF]);
+            p.put(PageBuf::zeroed(POOL_MAX_BUF));
         }
         assert!(p.bytes <= POOL_BYTES);
     }

@@ -9,6 +9,7 @@
 
 mod file;
 mod mem;
+mod pagebuf;
 mod region;
 pub mod volatile;
 
@@ -16,6 +17,7 @@ use std::io;
 
 pub use file::{FileDevice, OpenFlags};
 pub use mem::{MemDevice, MemRegion};
+pub use pagebuf::PageBuf;
 pub use region::{FileRegion, MappedFile, Region};
 
 /// A byte-addressed device with a volatile write cache.
