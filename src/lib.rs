@@ -10,6 +10,7 @@ pub mod blk;
 pub mod control;
 pub mod error;
 pub mod integrity;
+pub mod intmap;
 pub mod io;
 pub mod key;
 mod le;

@@ -9,13 +9,13 @@
 //! instant; the caller's lock around `&mut self` orders page writes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use super::log::{Log, LogWrite, Mark, Reserve};
 use super::{
     meta_len, DeviceRef, MetaError, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3,
     PAGE_SIZE, PAIRS_PER_PAGE, PAIR_SIZE, SUPERBLOCK_SIZE, TABLE_OFFSET,
 };
+use crate::intmap::IntMap;
 use crate::key::Key;
 
 /// The two checksums of one block. 0 is the reserved "reads as zeros" value.
@@ -769,29 +769,6 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> MetaError {
     }
 }
 
-/// Hashes page numbers for the page index. Keys are our own page numbers,
-/// never chosen by an adversary, so the DoS resistance of the default
-/// SipHash buys nothing and costs a lookup on every get/set; one multiply
-/// spreads consecutive numbers over the high bits the table uses.
-#[derive(Default)]
-struct PageHasher(u64);
-
-impl Hasher for PageHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// "No slot" in the intrusive lists.
 const NIL: usize = usize::MAX;
 
@@ -826,7 +803,7 @@ impl List {
 struct PageCache {
     capacity: usize,
     slots: Vec<Slot>,
-    index: HashMap<u64, usize, BuildHasherDefault<PageHasher>>,
+    index: IntMap<usize>,
     clean: List,
     dirty: List,
     /// Slots allocated but not resident (after a failed page-in).

@@ -11,7 +11,7 @@
 //!   crash (or a failed write): [`Core::resolve`] reads the block to learn
 //!   which slot it matches before a new write makes it Pending again.
 
-use std::collections::HashMap;
+use crate::intmap::IntMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -34,7 +34,7 @@ pub(super) struct PendingBlock {
 /// What the state lock guards.
 pub(super) struct State {
     pub meta: Metadata,
-    pub pending: HashMap<u64, PendingBlock>,
+    pub pending: IntMap<PendingBlock>,
     /// Counts write starts and completions, to tell which completed before
     /// a data sync began.
     pub events: u64,
@@ -48,7 +48,7 @@ pub(super) struct State {
     /// data may still hold on the media (versions written since the last
     /// data sync, before the two its pair names). Every log record naming
     /// the block carries them, so the two slots need not cover them.
-    pub extras: HashMap<u64, Vec<u64>>,
+    pub extras: IntMap<Vec<u64>>,
     /// How many checksums `extras` holds, to bound it.
     pub extra_count: usize,
 }
@@ -63,11 +63,11 @@ impl State {
     pub fn new(meta: Metadata, marked_dirty: bool) -> Self {
         Self {
             meta,
-            pending: HashMap::new(),
+            pending: IntMap::default(),
             events: 0,
             marked_dirty,
             zeroing: Vec::new(),
-            extras: HashMap::new(),
+            extras: IntMap::default(),
             extra_count: 0,
         }
     }

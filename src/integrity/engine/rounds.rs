@@ -3,7 +3,6 @@
 //! metadata sync (shared with every thread committing at that moment), and
 //! only then moves the data.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
@@ -13,6 +12,7 @@ use log::error;
 use super::{Core, EngineError};
 use crate::integrity::gate::Ticket;
 use crate::integrity::hash::ZERO;
+use crate::intmap::IntMap;
 use crate::meta::log::{LogWrite, Reserve};
 use crate::meta::Pair;
 
@@ -438,7 +438,7 @@ pub(super) fn split_rounds(updates: Vec<Update<'_>>) -> Vec<Vec<Update<'_>>> {
     const SMALL: u64 = 64;
     let mut rounds: Vec<(u64, Vec<Update<'_>>)> = Vec::new();
     // The last round each block of a small update went to.
-    let mut small: HashMap<u64, usize> = HashMap::new();
+    let mut small: IntMap<usize> = IntMap::default();
     let mut large: Vec<(u64, u64, usize)> = Vec::new();
     for u in updates {
         let end = u.block + u.count;

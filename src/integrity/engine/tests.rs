@@ -850,7 +850,7 @@ fn the_default_pending_limit_never_doubles_the_pending_set() {
     // As many Pending blocks as the limit allows, plus one round of a
     // full stage of 4 KiB writes past it (checked only after a round).
     let most = DEFAULT_PENDING_LIMIT + (DEFAULT_STAGE_BYTES / 4096) as usize;
-    let mut pending: std::collections::HashMap<u64, pairs::PendingBlock> = Default::default();
+    let mut pending: crate::intmap::IntMap<pairs::PendingBlock> = Default::default();
     for b in 0..most as u64 {
         pending.insert(
             b,

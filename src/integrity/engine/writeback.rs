@@ -15,7 +15,7 @@
 //! in exactly the order replay would, and only what a writer published
 //! (`Writeback::kick`, once per batch), so a batch commits in one round.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -24,6 +24,7 @@ use log::error;
 
 use super::rounds::{Source, Update};
 use super::{Core, EngineError};
+use crate::intmap::{IntMap, IntSet};
 use crate::stage::{Filler, Record, Slot, Stage};
 
 const RESERVED: u8 = 0;
@@ -56,7 +57,7 @@ struct Wb {
     /// Reserved records not yet taken by the commit thread, in order.
     queue: VecDeque<Arc<Entry>>,
     /// Newest filled record per block, for reads.
-    overlay: HashMap<u64, Arc<Entry>>,
+    overlay: IntMap<Arc<Entry>>,
     /// Records reserved and not yet committed (queued or being committed).
     outstanding: u64,
     /// Sequence number of the last write reserved, and of the last one
@@ -94,7 +95,7 @@ impl Writeback {
             m: Mutex::new(Wb {
                 stage,
                 queue: VecDeque::new(),
-                overlay: HashMap::new(),
+                overlay: IntMap::default(),
                 outstanding: 0,
                 reserved: 0,
                 published: 0,
@@ -297,7 +298,7 @@ impl Core {
         // Sequence numbers of held writes that newer ones overwrite: they
         // are never written (a newer write may have gone already), only
         // kept until what overwrites them is written.
-        let mut superseded: HashSet<u64> = HashSet::new();
+        let mut superseded = IntSet::default();
         let mut seen_sync = 0;
         loop {
             let (fresh, failed_sync) = {
@@ -402,7 +403,7 @@ impl Core {
 
     /// What becomes of each write of a batch: whether it still needs
     /// writing (`live`), and whether it is done this round (`go`) or held.
-    fn plan(&self, batch: &[Arc<Entry>], superseded: &HashSet<u64>, failed_sync: bool) -> Plan {
+    fn plan(&self, batch: &[Arc<Entry>], superseded: &IntSet, failed_sync: bool) -> Plan {
         let dead: Vec<bool> = batch
             .iter()
             .map(|e| superseded.contains(&e.slot.seq))
@@ -465,7 +466,7 @@ impl Core {
     /// need the sync). The rest are held back.
     fn writable_now(&self, batch: &[Arc<Entry>], live: &[bool]) -> Vec<bool> {
         let st = self.lock();
-        let mut touched: HashSet<u64> = HashSet::new();
+        let mut touched = IntSet::default();
         batch
             .iter()
             .zip(live)
@@ -563,8 +564,8 @@ struct Plan {
 /// reach the disk (neither was flushed yet: a FLUSH drains the stage before
 /// it syncs), and skipping it spares the data sync a rewrite round would
 /// cost.
-fn newest_writes(batch: &[Arc<Entry>], dead: &[bool]) -> HashMap<u64, usize> {
-    let mut last: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
+fn newest_writes(batch: &[Arc<Entry>], dead: &[bool]) -> IntMap<usize> {
+    let mut last = IntMap::with_capacity_and_hasher(batch.len(), Default::default());
     for (i, e) in batch.iter().enumerate() {
         if e.state() != FILLED || dead[i] {
             continue;
