@@ -42,11 +42,14 @@
 //!   the 64 GiB random write row twinsum, which syncs during the run, ran
 //!   23.9k IOPS on its own file system and 42.2k here; qsd 55.2k and
 //!   62.5k), while a shared file system makes a row depend on which
-//!   server wrote first. After each random write run a FLUSH
-//!   is timed, and a "durable rate" table divides the run's writes by the
-//!   run plus that flush: a server that left its writes in the host page
-//!   cache pays for them there (on a sparse 1 TiB file, mostly in the file
-//!   system's block allocator), not in the next workload's first flush.
+//!   server wrote first.
+//!
+//! After every write run without flushes (2 GiB image and scale curve) a
+//! FLUSH is timed, and a "durable rate" table divides the run's writes by
+//! the run plus that flush: a server that left its writes in the host page
+//! cache pays for them there (on a sparse 1 TiB file, mostly in the file
+//! system's block allocator), not in the next workload's first flush. A
+//! server that wrote more in one row is not charged for it in the next.
 //! - `TWINSUM_BENCH_STRICT=1`: exit 1 when a goal is missed.
 //! - `TWINSUM_BENCH_KEEP=1`: keep the run directory (images, logs).
 //! - `TWINSUM_BENCH_QSD_AIO` (`threads`): qsd's file `aio=` mode.
@@ -285,9 +288,8 @@ struct Run {
     /// CPU of this process (the load generator) during the run: on a
     /// small machine the client competes with the server for cores.
     client_cpu: Duration,
-    /// How long a FLUSH issued right after the run took (scale curve,
-    /// write workloads without flushes): the writes the run left to a
-    /// cache, paid for.
+    /// How long a FLUSH issued right after the run took (write workloads
+    /// without flushes): the writes the run left to a cache, paid for.
     final_flush: Option<Duration>,
 }
 
@@ -627,7 +629,7 @@ fn run() -> Result<bool> {
         }
     }
 
-    let goals_met = print_table(&tw, &qsd);
+    let goals_met = print_table(&tw, &qsd, cfg.size);
     print_keyed_table(&tw, &keyed);
     print_logged_table(&tw, &logged);
     let mut ok = data_ok;
@@ -800,17 +802,7 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
                 if !side.ready() {
                     continue;
                 }
-                let measured = side.measure(w, dur).and_then(|mut r| {
-                    if w.kind.writes() && w.flush_every == 0 {
-                        // What the run left in a cache is paid here, not in
-                        // the next workload's first flush.
-                        let t = std::time::Instant::now();
-                        side.client.as_mut().unwrap().flush()?;
-                        r.final_flush = Some(t.elapsed());
-                    }
-                    Ok(r)
-                });
-                match measured {
+                match measure_settled(side, w, dur) {
                     Ok(r) => side.runs[i].push(r),
                     Err(e) => {
                         ok = false;
@@ -928,34 +920,9 @@ fn run_scale(cfg: &Config, data: &Path) -> Result<(bool, bool)> {
             }
         );
     }
-    println!(
-        "durable rate: the writes of a run without flushes over the run plus the FLUSH issued right after it"
-    );
-    println!(
-        "{:>8} {:<22} {:>9} {:>7}   {:>9} {:>7}   {:>6}",
-        "disk", "workload", "twinsum", "flush", "qsd", "flush", "ratio"
-    );
-    for (size, w, a, b) in &rows {
-        let (Some(a), Some(b)) = (a, b) else {
-            continue;
-        };
-        let (Some(fa), Some(fb)) = (a.final_flush, b.final_flush) else {
-            continue;
-        };
-        let durable =
-            |r: &Run, f: Duration| r.stats.ops as f64 / (r.stats.elapsed + f).as_secs_f64();
-        let (da, db) = (durable(a, fa), durable(b, fb));
-        println!(
-            "{:>7}G {:<22} {:>9.0} {:>6.2}s   {:>9.0} {:>6.2}s   {:>5.2}x",
-            size >> 30,
-            w.name,
-            da,
-            fa.as_secs_f64(),
-            db,
-            fb.as_secs_f64(),
-            da / db
-        );
-    }
+    print_durable(rows.iter().filter_map(|(size, w, a, b)| {
+        Some((format!("{}G", size >> 30), w.name, a.as_ref()?, b.as_ref()?))
+    }));
     match peak_rss {
         Some(rss) => {
             let met = rss <= RSS_GOAL;
@@ -1082,7 +1049,7 @@ fn run_pass(
             if !side.ready() {
                 continue;
             }
-            match side.measure(&WORKLOADS[w], dur) {
+            match measure_settled(side, &WORKLOADS[w], dur) {
                 Ok(r) => side.runs[w].push(r),
                 Err(e) => {
                     *data_ok = false;
@@ -1090,6 +1057,50 @@ fn run_pass(
                 }
             }
         }
+    }
+}
+
+/// Measure `w` on `side`; after a write workload without flushes, time a
+/// FLUSH. What the run left in a cache is paid there (and shown in the
+/// durable-rate table), not in the next workload's first flush: a server
+/// that was faster in one row would otherwise be charged for it in the
+/// next.
+fn measure_settled(side: &mut Side, w: &Workload, dur: Duration) -> Result<Run> {
+    let mut r = side.measure(w, dur)?;
+    if w.kind.writes() && w.flush_every == 0 {
+        let t = std::time::Instant::now();
+        side.client.as_mut().unwrap().flush()?;
+        r.final_flush = Some(t.elapsed());
+    }
+    Ok(r)
+}
+
+/// The durable-rate table: per row, the writes of a run without flushes
+/// over the run plus the FLUSH issued right after it.
+fn print_durable<'a>(rows: impl Iterator<Item = (String, &'a str, &'a Run, &'a Run)>) {
+    println!(
+        "durable rate: the writes of a run without flushes over the run plus the FLUSH issued right after it"
+    );
+    println!(
+        "{:>8} {:<25} {:>9} {:>7}   {:>9} {:>7}   {:>6}",
+        "disk", "workload", "twinsum", "flush", "qsd", "flush", "ratio"
+    );
+    let durable = |r: &Run, f: Duration| r.stats.ops as f64 / (r.stats.elapsed + f).as_secs_f64();
+    for (disk, name, a, b) in rows {
+        let (Some(fa), Some(fb)) = (a.final_flush, b.final_flush) else {
+            continue;
+        };
+        let (da, db) = (durable(a, fa), durable(b, fb));
+        println!(
+            "{:>8} {:<25} {:>9.0} {:>6.2}s   {:>9.0} {:>6.2}s   {:>5.2}x",
+            disk,
+            name,
+            da,
+            fa.as_secs_f64(),
+            db,
+            fb.as_secs_f64(),
+            da / db
+        );
     }
 }
 
@@ -1223,7 +1234,7 @@ fn check_twinsum(cfg: &Config, img: &Path, meta: &Path) -> bool {
 
 /// Print the comparison; returns whether every goal with figures on both
 /// sides was met.
-fn print_table(tw: &Side, qsd: &Side) -> bool {
+fn print_table(tw: &Side, qsd: &Side, size: u64) -> bool {
     println!();
     println!(
         "{:<25} {:>9} {:>8} {:>7}   {:>9} {:>8} {:>7}   {:>6} {:>6}  result",
@@ -1286,6 +1297,13 @@ fn print_table(tw: &Side, qsd: &Side) -> bool {
         "cpu/io = server CPU time per request (flushes included); ratio = twinsum/qsd IOPS; \
          1q/2q = client queues"
     );
+    let medians: Vec<_> = (0..WORKLOADS.len())
+        .map(|i| (tw.median(i), qsd.median(i)))
+        .collect();
+    println!();
+    print_durable(WORKLOADS.iter().zip(&medians).filter_map(|(w, (a, b))| {
+        Some((format!("{}M", size >> 20), w.name, a.as_ref()?, b.as_ref()?))
+    }));
     if !latency_rows.is_empty() {
         println!();
         println!(
