@@ -17,7 +17,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use twinsum::integrity::verify::{self, DataRegions};
-use twinsum::io::{Device, FileDevice, OpenFlags};
+use twinsum::io::{Device, FileDevice, OpenFlags, PageBuf};
 use twinsum::meta::Metadata;
 
 /// Arguments of `twinsum check`.
@@ -161,7 +161,7 @@ pub(super) fn progress_bar(total_bytes: u64, what: &'static str) -> ProgressBar 
 /// One chunk of data read from the device: `len` valid bytes at `offset`.
 struct Chunk {
     offset: u64,
-    buf: Vec<u8>,
+    buf: PageBuf,
     len: usize,
 }
 
@@ -177,7 +177,7 @@ where
     F: FnMut(u64, &[u8]) -> anyhow::Result<()>,
 {
     let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<Chunk>>(READ_AHEAD);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let (free_tx, free_rx) = mpsc::channel::<PageBuf>();
     thread::scope(|s| {
         s.spawn(move || read_ahead(dev, block_size, &full_tx, &free_rx));
         // Moved in so that an early return drops the receiver, which stops
@@ -199,7 +199,7 @@ fn read_ahead<D: Device + ?Sized>(
     dev: &D,
     bs: u64,
     tx: &mpsc::SyncSender<io::Result<Chunk>>,
-    free: &mpsc::Receiver<Vec<u8>>,
+    free: &mpsc::Receiver<PageBuf>,
 ) {
     for region in DataRegions::new(dev, bs) {
         let (start, end) = match region {
@@ -212,7 +212,9 @@ fn read_ahead<D: Device + ?Sized>(
         let mut off = start;
         while off < end {
             let len = (end - off).min(CHUNK_BYTES as u64) as usize;
-            let mut buf = free.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK_BYTES]);
+            let mut buf = free
+                .try_recv()
+                .unwrap_or_else(|_| PageBuf::zeroed(CHUNK_BYTES));
             let msg = dev.read_at(&mut buf[..len], off).map(|()| Chunk {
                 offset: off,
                 buf,

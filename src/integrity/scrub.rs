@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::verify::Mismatches;
 use super::{Engine, EngineError};
+use crate::io::PageBuf;
 
 /// Bytes per scrub read: large enough that syscalls and locks are cheap,
 /// small enough that the engine's state lock is held only briefly and the
@@ -255,7 +256,7 @@ fn scan(
 ) -> Result<bool, EngineError> {
     let bs = u64::from(engine.block_size());
     let chunk_blocks = (CHUNK_BYTES / bs).max(1);
-    let mut buf = vec![0u8; (chunk_blocks * bs) as usize];
+    let mut buf = PageBuf::zeroed((chunk_blocks * bs) as usize);
     let mut pacer = Pacer {
         rate: rate_mib.saturating_mul(1 << 20),
         origin: start,

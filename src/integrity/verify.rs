@@ -20,7 +20,7 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 
 use super::hash::{self, Checksum};
-use crate::io::Device;
+use crate::io::{Device, PageBuf};
 use crate::meta::{MetaError, Metadata, Pair, SuperblockError};
 
 /// Pairs fetched from the table at a time (1 MiB of table).
@@ -247,7 +247,7 @@ fn work<D: Device + ?Sized>(
     jobs: &Mutex<mpsc::Receiver<Job>>,
     done: &mpsc::Sender<io::Result<Done>>,
 ) {
-    let mut buf = vec![0u8; JOB_BYTES];
+    let mut buf = PageBuf::zeroed(JOB_BYTES);
     loop {
         // The guard is a temporary: the lock is released before the work.
         let job = match jobs.lock() {
@@ -266,11 +266,11 @@ fn verify_job<D: Device + ?Sized>(
     sum: Checksum,
     bs: u64,
     job: &Job,
-    buf: &mut Vec<u8>,
+    buf: &mut PageBuf,
 ) -> io::Result<Done> {
     let len = job.pairs.len() * bs as usize;
     if buf.len() < len {
-        buf.resize(len, 0);
+        *buf = PageBuf::zeroed(len);
     }
     let data = &mut buf[..len];
     dev.read_at(data, job.first * bs).map_err(|e| {
