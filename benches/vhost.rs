@@ -1254,10 +1254,12 @@ fn print_table(tw: &Side, qsd: &Side, size: u64) -> bool {
         None => format!("{:>9} {:>8} {:>7}", "-", "-", "-"),
     };
     let us = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
+    let medians: Vec<_> = (0..WORKLOADS.len())
+        .map(|i| (tw.median(i), qsd.median(i)))
+        .collect();
     let mut all_met = true;
     let mut latency_rows = Vec::new();
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        let (a, b) = (tw.median(i), qsd.median(i));
+    for (w, (a, b)) in WORKLOADS.iter().zip(&medians) {
         let (ratio, goal, verdict) = match (&a, &b, w.goal) {
             (Some(a), Some(b), Goal::Ratio(g)) => {
                 let ratio = a.stats.iops() / b.stats.iops();
@@ -1286,8 +1288,8 @@ fn print_table(tw: &Side, qsd: &Side, size: u64) -> bool {
         println!(
             "{:<25} {}   {}   {:>6} {:>6}  {}",
             w.name,
-            cell(&a),
-            cell(&b),
+            cell(a),
+            cell(b),
             ratio,
             goal,
             verdict
@@ -1297,9 +1299,6 @@ fn print_table(tw: &Side, qsd: &Side, size: u64) -> bool {
         "cpu/io = server CPU time per request (flushes included); ratio = twinsum/qsd IOPS; \
          1q/2q = client queues"
     );
-    let medians: Vec<_> = (0..WORKLOADS.len())
-        .map(|i| (tw.median(i), qsd.median(i)))
-        .collect();
     println!();
     print_durable(WORKLOADS.iter().zip(&medians).filter_map(|(w, (a, b))| {
         Some((format!("{}M", size >> 20), w.name, a.as_ref()?, b.as_ref()?))

@@ -14,7 +14,7 @@ use std::fmt;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::key::Key;
-use crate::meta::{hash_name, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3};
+use crate::meta::{hash_name, Pair, Superblock, SuperblockError, HASH_BLAKE3_KEYED, HASH_XXH3};
 
 /// The reserved pair value meaning "this block reads as zeros".
 pub const ZERO: u64 = 0;
@@ -161,6 +161,14 @@ impl Checksum {
                 *hash.get_or_insert_with(|| self.block_hash(block, data)) == sum
             }
         })
+    }
+
+    /// Which checksum of block `block` `data` matches: its pair's slots,
+    /// then its extra versions; hashing at most once.
+    #[inline]
+    pub fn find_version(&self, block: u64, data: &[u8], pair: Pair, extras: &[u64]) -> Option<u64> {
+        let sums = [pair.new, pair.old].into_iter();
+        self.find(block, data, sums.chain(extras.iter().copied()))
     }
 }
 

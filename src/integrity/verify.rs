@@ -292,8 +292,7 @@ fn verify_job<D: Device + ?Sized>(
 
 /// Whether `content` of block `b` matches its pair or one of `extras`.
 fn matches_any(sum: Checksum, b: u64, content: &[u8], p: Pair, extras: &[u64]) -> bool {
-    let sums = [p.new, p.old].into_iter().chain(extras.iter().copied());
-    sum.find(b, content, sums).is_some()
+    sum.find_version(b, content, p, extras).is_some()
 }
 
 fn extras_of(extras: &[(u64, Vec<u64>)], b: u64) -> &[u64] {

@@ -551,9 +551,11 @@ pub fn verify(
             .map_err(io("reading the image"))?;
         m.get_range(b, &mut pairs[..n as usize])?;
         for (k, (content, p)) in chunk.chunks_exact(bs as usize).zip(&pairs).enumerate() {
-            let extras = m.extra_versions(b + k as u64).iter().copied();
-            let sums = [p.new, p.old].into_iter().chain(extras);
-            if sum.find(b + k as u64, content, sums).is_none() {
+            let extras = m.extra_versions(b + k as u64);
+            if sum
+                .find_version(b + k as u64, content, *p, extras)
+                .is_none()
+            {
                 out.mismatches.push(b + k as u64);
             }
         }

@@ -11,7 +11,6 @@
 //!   crash (or a failed write): [`Core::resolve`] reads the block to learn
 //!   which slot it matches before a new write makes it Pending again.
 
-use crate::intmap::IntMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -20,6 +19,7 @@ use log::warn;
 
 use super::rounds::Update;
 use super::{Core, EngineError};
+use crate::intmap::IntMap;
 use crate::meta::{MetaError, Metadata, Pair};
 
 /// A block written since the last data sync.
@@ -301,8 +301,7 @@ impl Core {
             self.data
                 .read_at(&mut buf, self.offset(b))
                 .map_err(EngineError::io("reading a block left pending by a crash"))?;
-            let sums = [p.new, p.old].into_iter().chain(extras.iter().copied());
-            found.push(self.sum.find(b, &buf, sums));
+            found.push(self.sum.find_version(b, &buf, p, extras));
         }
         Ok(found)
     }
