@@ -145,44 +145,54 @@ impl Core {
         // The blocks are Clean (or zero) now: old covers the durable content.
         st.events += 1;
         let mut entries = Vec::with_capacity(round.iter().map(|u| u.sums.len()).sum());
-        for u in round {
-            if u.is_zero() {
-                st.zeroing.push((u.block, u.block + u.count));
-            }
-            for (i, &sum) in u.sums.iter().enumerate() {
-                let b = u.block + i as u64;
-                let p = st.meta.get(b)?;
-                let pending = st.pending.contains_key(&b);
-                if sum == ZERO && p == Pair::default() && !pending {
-                    // Reads as zeros already, whatever the punch does.
-                    continue;
+        // A table page that cannot be read, or written back to make room,
+        // stops this part-way: the round then fails as a whole below, and
+        // `complete` unmarks what was marked.
+        let marked = (|| -> Result<(), EngineError> {
+            for u in round {
+                if u.is_zero() {
+                    st.zeroing.push((u.block, u.block + u.count));
                 }
-                let pair = if pending {
-                    // make_writable let a Pending block through: the log
-                    // carries its versions (format version 3).
-                    st.rewrite_pending(b, p, sum)
-                } else {
-                    Pair {
-                        new: sum,
-                        old: p.old,
+                for (i, &sum) in u.sums.iter().enumerate() {
+                    let b = u.block + i as u64;
+                    let p = st.meta.get(b)?;
+                    let pending = st.pending.contains_key(&b);
+                    if sum == ZERO && p == Pair::default() && !pending {
+                        // Reads as zeros already, whatever the punch does.
+                        continue;
                     }
-                };
-                st.meta.set(b, pair)?;
-                st.log_entries(b, pair, &mut entries);
-                let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
-                    inflight: 0,
-                    completed: 0,
-                });
-                e.inflight += 1;
+                    let pair = if pending {
+                        // make_writable let a Pending block through: the log
+                        // carries its versions (format version 3).
+                        st.rewrite_pending(b, p, sum)
+                    } else {
+                        Pair {
+                            new: sum,
+                            old: p.old,
+                        }
+                    };
+                    st.meta.set(b, pair)?;
+                    st.log_entries(b, pair, &mut entries);
+                    let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
+                        inflight: 0,
+                        completed: 0,
+                    });
+                    e.inflight += 1;
+                }
             }
-        }
+            Ok(())
+        })();
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
-        let commit = self.commit_locked(&mut st, &entries);
+        let commit = marked.and_then(|()| self.commit_locked(&mut st, &entries));
         drop(st);
         let mut result = commit.and_then(|c| self.finish_commit(c));
 
-        // Only now may the data move: its checksum is durable.
-        let mut failed = vec![false; round.len()];
+        // Only now may the data move: its checksum is durable. A round
+        // that never got that far failed as a whole: its new checksums
+        // name content that never reached the disk, so no data sync may
+        // make them the only ones (`complete` takes its blocks out of the
+        // Pending set; the next write resolves their pairs).
+        let mut failed = vec![result.is_err(); round.len()];
         if result.is_ok() {
             for (u, failed) in round.iter().zip(&mut failed) {
                 if let Err(e) = self.write_data(u) {
