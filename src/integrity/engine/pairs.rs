@@ -51,6 +51,10 @@ pub(super) struct State {
     pub extras: IntMap<Vec<u64>>,
     /// How many checksums `extras` holds, to bound it.
     pub extra_count: usize,
+    /// Where replay starts after the latest checkpoint begun: a record
+    /// before it counts only through the table pages that checkpoint
+    /// wrote.
+    pub checkpoint_seq: u64,
 }
 
 /// Most versions a block may have beyond its pair before a rewrite waits
@@ -69,6 +73,7 @@ impl State {
             zeroing: Vec::new(),
             extras: IntMap::default(),
             extra_count: 0,
+            checkpoint_seq: 0,
         }
     }
 

@@ -145,6 +145,11 @@ impl Core {
         // The blocks are Clean (or zero) now: old covers the durable content.
         st.events += 1;
         let mut entries = Vec::with_capacity(round.iter().map(|u| u.sums.len()).sum());
+        // Rewrites of Pending blocks: their new pairs drop a version the
+        // media may hold, which only their log record names. They reach
+        // the cache (whose pages may be written back at any moment) only
+        // once that record is durable.
+        let mut deferred = Vec::new();
         // A table page that cannot be read, or written back to make room,
         // stops this part-way: the round then fails as a whole below, and
         // `complete` unmarks what was marked.
@@ -171,7 +176,11 @@ impl Core {
                             old: p.old,
                         }
                     };
-                    st.meta.set(b, pair)?;
+                    if pending {
+                        deferred.push((b, pair));
+                    } else {
+                        st.meta.set(b, pair)?;
+                    }
                     st.log_entries(b, pair, &mut entries);
                     let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
                         inflight: 0,
@@ -185,7 +194,7 @@ impl Core {
         self.pair_changes.fetch_add(1, Ordering::SeqCst);
         let commit = marked.and_then(|()| self.commit_locked(&mut st, &entries));
         drop(st);
-        let mut result = commit.and_then(|c| self.finish_commit(c));
+        let mut result = commit.and_then(|c| self.finish_commit(c, &deferred));
 
         // Only now may the data move: its checksum is durable. A round
         // that never got that far failed as a whole: its new checksums
@@ -253,12 +262,13 @@ impl Core {
     }
 
     /// Finish what `commit_locked` started, outside the state lock; when it
-    /// returns the round's pairs are durable and its data may move.
-    fn finish_commit(&self, c: Commit) -> Result<(), EngineError> {
+    /// returns the round's pairs are durable (`deferred` ones set in the
+    /// cache too) and its data may move.
+    fn finish_commit(&self, c: Commit, deferred: &[(u64, Pair)]) -> Result<(), EngineError> {
         match c {
             Commit::Sync(ticket) => self.sync_meta(ticket),
             Commit::Log(w) => {
-                self.write_log(w)?;
+                self.write_log(w, deferred)?;
                 let half_full = self
                     .lock()
                     .meta
@@ -271,27 +281,61 @@ impl Core {
                 }
                 Ok(())
             }
-            Commit::Checkpoint => self.checkpoint(),
+            Commit::Checkpoint => self.commit_by_checkpoint(deferred),
         }
+    }
+
+    /// Commit a round by checkpoint: its pairs go to the table, and no
+    /// record names the versions `deferred` pairs drop. So first a data
+    /// sync, after which the media hold none of them.
+    fn commit_by_checkpoint(&self, deferred: &[(u64, Pair)]) -> Result<(), EngineError> {
+        if !deferred.is_empty() {
+            self.flush_data()?;
+            self.set_pairs(deferred)?;
+        }
+        self.checkpoint()
+    }
+
+    fn set_pairs(&self, pairs: &[(u64, Pair)]) -> Result<(), EngineError> {
+        let mut st = self.lock();
+        for &(b, pair) in pairs {
+            st.meta.set(b, pair)?;
+        }
+        Ok(())
     }
 
     /// Write a log record durably, after every record before it: replay
     /// stops at the first missing one, so a record may only count once
     /// all earlier ones are on the device. If it cannot be written, a
     /// checkpoint commits its round instead.
-    fn write_log(&self, w: LogWrite) -> Result<(), EngineError> {
-        if let Err(e) = self.write_record(&w) {
-            if let Some(e) = e {
-                log::error!(
-                    "writing metadata log record {} failed: {e}; committing by checkpoint instead",
-                    w.seq
-                );
+    fn write_log(&self, w: LogWrite, deferred: &[(u64, Pair)]) -> Result<(), EngineError> {
+        match self.write_record(&w) {
+            Ok(()) => {
+                let mut st = self.lock();
+                if w.seq < st.checkpoint_seq {
+                    // A checkpoint begun since the record was reserved
+                    // moved replay past it, and wrote the table without
+                    // these pairs.
+                    drop(st);
+                    return self.commit_by_checkpoint(deferred);
+                }
+                for &(b, pair) in deferred {
+                    st.meta.set(b, pair)?;
+                }
+                Ok(())
             }
-            // The pairs are in memory: a checkpoint writes them to the
-            // table and moves replay past every record, written or not.
-            self.checkpoint()?;
+            Err(e) => {
+                if let Some(e) = e {
+                    log::error!(
+                        "writing metadata log record {} failed: {e}; committing by checkpoint instead",
+                        w.seq
+                    );
+                }
+                // The pairs are in memory: a checkpoint writes them to the
+                // table and moves replay past every record, written or not.
+                self.commit_by_checkpoint(deferred)
+            }
         }
-        Ok(())
     }
 
     /// Write record `w` in sequence order. `Err(Some)`: its write failed;
@@ -364,6 +408,9 @@ impl Core {
         let (mark, ticket, carry, mut sync_data) = {
             let mut st = self.lock();
             let mark = st.meta.checkpoint_begin()?;
+            if let Some(m) = mark {
+                st.checkpoint_seq = m.seq;
+            }
             let (carry, sync_data) = if st.extras.is_empty() {
                 (None, false)
             } else {
