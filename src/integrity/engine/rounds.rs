@@ -169,18 +169,17 @@ impl Core {
                     let pair = if pending {
                         // make_writable let a Pending block through: the log
                         // carries its versions (format version 3).
-                        st.rewrite_pending(b, p, sum)
+                        let pair = st.rewrite_pending(b, p, sum);
+                        deferred.push((b, pair));
+                        pair
                     } else {
-                        Pair {
+                        let pair = Pair {
                             new: sum,
                             old: p.old,
-                        }
-                    };
-                    if pending {
-                        deferred.push((b, pair));
-                    } else {
+                        };
                         st.meta.set(b, pair)?;
-                    }
+                        pair
+                    };
                     st.log_entries(b, pair, &mut entries);
                     let e = st.pending.entry(b).or_insert(super::pairs::PendingBlock {
                         inflight: 0,
@@ -291,17 +290,9 @@ impl Core {
     fn commit_by_checkpoint(&self, deferred: &[(u64, Pair)]) -> Result<(), EngineError> {
         if !deferred.is_empty() {
             self.flush_data()?;
-            self.set_pairs(deferred)?;
+            set_pairs(&mut self.lock(), deferred)?;
         }
         self.checkpoint()
-    }
-
-    fn set_pairs(&self, pairs: &[(u64, Pair)]) -> Result<(), EngineError> {
-        let mut st = self.lock();
-        for &(b, pair) in pairs {
-            st.meta.set(b, pair)?;
-        }
-        Ok(())
     }
 
     /// Write a log record durably, after every record before it: replay
@@ -319,10 +310,7 @@ impl Core {
                     drop(st);
                     return self.commit_by_checkpoint(deferred);
                 }
-                for &(b, pair) in deferred {
-                    st.meta.set(b, pair)?;
-                }
-                Ok(())
+                set_pairs(&mut st, deferred)
             }
             Err(e) => {
                 if let Some(e) = e {
@@ -482,6 +470,13 @@ impl Core {
             })
             .map_err(EngineError::meta_io("syncing metadata"))
     }
+}
+
+fn set_pairs(st: &mut super::State, pairs: &[(u64, Pair)]) -> Result<(), EngineError> {
+    for &(b, pair) in pairs {
+        st.meta.set(b, pair)?;
+    }
+    Ok(())
 }
 
 /// Split a batch into rounds in which no block repeats, keeping the order

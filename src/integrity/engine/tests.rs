@@ -11,12 +11,11 @@ use crate::io::{Device, MemDevice};
 use crate::meta::{MetaError, Metadata, Pair, Superblock};
 
 /// An in-memory device whose writes are immediately durable, which counts
-/// syncs and can be told to fail writes or reads.
+/// syncs and can be told to fail writes.
 struct Mem {
     inner: MemDevice,
     syncs: AtomicU64,
     fail_writes: AtomicBool,
-    fail_reads: AtomicBool,
 }
 
 impl Mem {
@@ -25,7 +24,6 @@ impl Mem {
             inner: MemDevice::new(size as u64),
             syncs: AtomicU64::new(0),
             fail_writes: AtomicBool::new(false),
-            fail_reads: AtomicBool::new(false),
         })
     }
     fn poke(&self, offset: usize, f: impl FnOnce(&mut u8)) {
@@ -46,9 +44,6 @@ impl Device for Mem {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self.fail_reads.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected read failure"));
-        }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
