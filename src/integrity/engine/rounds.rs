@@ -318,11 +318,10 @@ impl Core {
         let reserved = self.lock().meta.log_reserve(entries);
         if let Some(Reserve::Write(w)) = reserved {
             match self.write_record(&w) {
+                // Unless yet another checkpoint passed over it.
                 Ok(()) => {
-                    let mut st = self.lock();
-                    // Unless yet another checkpoint passed over it.
-                    if w.seq >= st.checkpoint_seq {
-                        return set_pairs(&mut st, deferred);
+                    if self.set_deferred(&w, deferred)? {
+                        return Ok(());
                     }
                 }
                 Err(Some(e)) => log::error!(
@@ -352,17 +351,12 @@ impl Core {
     ) -> Result<(), EngineError> {
         match self.write_record(&w) {
             Ok(()) => {
-                let mut st = self.lock();
-                if w.seq >= st.checkpoint_seq {
-                    return set_pairs(&mut st, deferred);
+                if self.set_deferred(&w, deferred)? {
+                    return Ok(());
                 }
-                drop(st);
                 // A checkpoint begun since the record was reserved moved
                 // replay past it. The table it wrote holds the round's
                 // other pairs, but not the deferred ones.
-                if deferred.is_empty() {
-                    return Ok(());
-                }
                 self.record_again(entries, deferred)
             }
             Err(e) => {
@@ -377,6 +371,22 @@ impl Core {
                 self.commit_by_checkpoint(entries, deferred)
             }
         }
+    }
+
+    /// Once record `w` is durable: set its round's `deferred` pairs,
+    /// unless a checkpoint begun since passed over the record (`false`:
+    /// they need a record after that checkpoint's mark). Without any,
+    /// nothing waits for the record, and the state lock is not taken.
+    fn set_deferred(&self, w: &LogWrite, deferred: &[(u64, Pair)]) -> Result<bool, EngineError> {
+        if deferred.is_empty() {
+            return Ok(true);
+        }
+        let mut st = self.lock();
+        if w.seq < st.checkpoint_seq {
+            return Ok(false);
+        }
+        set_pairs(&mut st, deferred)?;
+        Ok(true)
     }
 
     /// Write record `w` in sequence order. `Err(Some)`: its write failed;
